@@ -1,0 +1,155 @@
+"""Every MPIMAP_* knob, with its default, read in one place; launcher detection as pure functions.
+
+A bad value raises ValueError naming the knob, so the message says what to change. Knobs are read
+when they are used (not at import), so a test or a script can set them with ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+__all__ = ["KNOBS", "knob", "launched_world_size", "worker_thread_env"]
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    default: object
+    parse: Callable[[str], object]
+    doc: str
+
+
+def _bool(text):
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise ValueError("must be > 0")
+        return value
+
+    return parse
+
+
+def _bytes(text):
+    """'64K', '1M', '1G' or a plain number of bytes."""
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if text and text[-1] in scale:
+        value = int(float(text[:-1]) * scale[text[-1]])
+    else:
+        value = int(text)
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+KNOBS = {
+    k.name: k
+    for k in [
+        Knob("MPIMAP_CHUNK_SECONDS", 0.02, _positive(float),
+             "target seconds of work per automatic chunk (overhead vs. tail length)"),
+        Knob("MPIMAP_PREFETCH", 2, _positive(int),
+             "chunks queued per worker while chunks are short, so no worker waits for rank 0"),
+        Knob("MPIMAP_READ_AHEAD", 0, lambda t: max(0, int(t)),
+             "imap: most items read from the input ahead of the consumer (0: automatic)"),
+        Knob("MPIMAP_SHUTDOWN_TIMEOUT", 5.0, _positive(float),
+             "seconds rank 0 waits for workers at exit before it aborts the job"),
+        Knob("MPIMAP_LIFELINE", True, _bool,
+             "TCP lifeline from every worker to rank 0: instant wake-ups and lost-rank detection"),
+        Knob("MPIMAP_CONNECT_TIMEOUT", 20.0, _positive(float),
+             "seconds a worker tries to open its lifeline to rank 0"),
+        Knob("MPIMAP_SPIN", 0.0003, lambda t: max(0.0, float(t)),
+             "seconds a rank polls MPI before it sleeps when a message is due soon (latency)"),
+        Knob("MPIMAP_POLL_MAX", 0.002, _positive(float),
+             "longest sleep between MPI polls when no lifeline is available (seconds)"),
+        Knob("MPIMAP_MAX_MESSAGE", 1 << 30, _bytes,
+             "largest single MPI message; bigger buffers are sent in pieces of this size"),
+        Knob("MPIMAP_INLINE_MAX", 64 << 10, _bytes,
+             "array buffers up to this size travel inside the message header"),
+        Knob("MPIMAP_BCAST_MIN", 256 << 10, _bytes,
+             "function/common payloads at least this big are broadcast to all workers at once"),
+        Knob("MPIMAP_CODE_CACHE", 16, _positive(int),
+             "functions kept loaded on workers between maps"),
+        Knob("MPIMAP_SERIAL", False, _bool,
+             "run every map in-process even under a launcher (debugging)"),
+        Knob("MPIMAP_NO_THREAD_LIMITS", False, _bool,
+             "do not cap BLAS/OpenMP threads to 1 on serving ranks"),
+    ]
+}
+
+
+def knob(name: str, environ: Mapping[str, str] | None = None):
+    """Value of knob ``name`` from ``environ`` (default: os.environ), parsed, or its default."""
+    spec = KNOBS[name]
+    env = os.environ if environ is None else environ
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return spec.default
+    try:
+        return spec.parse(raw)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(
+            f"environment variable {name}={raw!r} is invalid ({exc}); it sets {spec.doc}; "
+            f"unset it to use the default {spec.default!r}"
+        ) from None
+
+
+# Variables a launcher sets in every rank's environment, with the world size they announce.
+_SIZE_VARS = (
+    "PMI_SIZE",  # MPICH hydra, Slurm pmi2, Intel MPI
+    "OMPI_COMM_WORLD_SIZE",  # Open MPI
+    "PMIX_SIZE",
+    "MPI_LOCALNRANKS",
+    "SLURM_STEP_NUM_TASKS",  # srun step (not the batch script, whose step has 1 task)
+)
+_PRESENCE_VARS = ("PMI_FD", "PMI_PORT", "PMIX_RANK", "PMIX_NAMESPACE", "OMPI_COMM_WORLD_RANK")
+
+
+def launched_world_size(environ: Mapping[str, str]) -> int | None:
+    """World size a launcher announced in ``environ``; None when no launcher is visible.
+
+    Returns 0 when a launcher is visible but did not say the size (ask MPI itself then).
+    """
+    for var in _SIZE_VARS:
+        value = environ.get(var)
+        if value and value.isdigit():
+            if var == "SLURM_STEP_NUM_TASKS" and "SLURM_STEP_ID" in environ:
+                # The batch step and interactive steps also carry it; only trust it with a PMI.
+                if not any(v in environ for v in ("PMI_FD", "PMI_RANK", "PMIX_RANK")):
+                    continue
+            return int(value)
+    if any(v in environ for v in _PRESENCE_VARS):
+        return 0
+    return None
+
+
+_THREAD_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+
+
+def worker_thread_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """Thread-count variables to set on a serving rank: 1 for each one the user left unset.
+
+    If the user set any of them, they chose their threading: nothing is changed.
+    """
+    if knob("MPIMAP_NO_THREAD_LIMITS", environ):
+        return {}
+    if any(environ.get(v) for v in _THREAD_VARS):
+        return {}
+    return {v: "1" for v in _THREAD_VARS}

@@ -1,0 +1,543 @@
+"""Which side of the wire this process is on, and how a run starts and ends.
+
+Three ways a map can run, decided at the first map (or by ``python -m mpimap``):
+
+* serial: no launcher (plain ``python script.py``), a world of one rank, inside a running task
+  (a nested pmap), or MPIMAP_SERIAL=1. Same semantics, in-process.
+* module mode: ``mpiexec -n N python -m mpimap script.py``. Rank 0 runs the script as
+  ``__main__``; ranks 1.. never run it: they serve maps until rank 0's script ends.
+* collective mode: ``mpiexec -n N python script.py`` -- every rank runs the script, and each
+  pmap / imap / Pool call is collective: rank 0 drives with its own function, data and inputs, the
+  other ranks serve that one call and then return ``None`` (imap: an empty iterator) and go on with
+  the script.
+
+Ending. An exception that escapes the script on any rank must end the whole job, never leave the
+others waiting: in module mode rank 0 reports it, tells the workers to stop (aborting after
+MPIMAP_SHUTDOWN_TIMEOUT if a worker is stuck in a task) and exits 1; whenever a launcher is visible
+an exception hook prints the traceback and calls MPI_Abort.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import signal
+import sys
+import traceback
+import types
+
+from . import _serial, _task
+from ._env import knob, launched_world_size, worker_thread_env
+
+__all__ = ["executor", "install_excepthook", "main"]
+
+_state = types.SimpleNamespace(mode=None, session=None, hub=None, engine=None, worker=None,
+                               executor=None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Executors: what runs a map called from here
+
+class SerialExecutor:
+    """In-process maps with the same semantics as the parallel ones."""
+
+    nworkers = 1
+
+    def open_pool(self, common, has_common, initializer, initargs):
+        frozen = _freeze_common(common) if has_common else None
+        if initializer is not None:
+            initializer(*initargs)
+        return ("serial", has_common, frozen)
+
+    def close_pool(self, handle):
+        pass
+
+    def map(self, pool, func, iterables, **kw):
+        return list(self.imap(pool, func, iterables, lazy=False, **kw))
+
+    def imap(self, pool, func, iterables, *, common=None, has_common=False, chunksize=None,
+             ordered=True, errors="raise", progress=False, seed=None, lazy=True):
+        from ._driver import _progress_bar
+        from ._schedule import ItemSource
+
+        source = ItemSource(iterables)
+        if pool is not None and pool[1]:
+            has_common, frozen = True, pool[2]
+        elif has_common:
+            frozen = _freeze_common(common)
+        bar = _progress_bar(progress, source.length)
+        return self._run(func, source, has_common, frozen if has_common else None, errors,
+                         seed, bar)
+
+    @staticmethod
+    def _run(func, source, has_common, common, errors, seed, bar):
+        star = source.nargs > 1
+        outer = _task._current
+        start = 0
+        try:
+            while True:
+                items = source.take(1024)
+                if items is None:
+                    return
+                out: list = []
+                state = _task._Running(start, out, seed, 0, 1, _node_name(), _host_name(), 0)
+                for item in items:
+                    args = item if star else (item,)
+                    _task._current = state
+                    try:
+                        value = func(*args, common) if has_common else func(*args)
+                    except Exception as exc:
+                        if errors == "raise":
+                            _note(exc, f"mpimap: raised by item {state.index} (serial, "
+                                       f"in-process)")
+                            raise
+                        value = exc
+                    finally:
+                        _task._current = outer
+                    out.append(value)
+                    if bar is not None:
+                        bar.update(1)
+                    yield value
+                start += len(items)
+        finally:
+            _task._current = outer
+            if bar is not None:
+                bar.close()
+
+
+def _note(exc, text):
+    if hasattr(exc, "add_note"):
+        try:
+            exc.add_note(text)
+        except Exception:
+            pass
+
+
+def _freeze_common(common):
+    """Serial mode: the same read-only view of common the workers get, without copying arrays."""
+    packed = _serial.dumps_data(common, to_worker=False)
+    return _serial.freeze(_serial.roundtrip(packed, readonly=True))
+
+
+def _host_name():
+    import socket
+
+    return socket.gethostname()
+
+
+def _node_name():
+    return os.environ.get("SLURMD_NODENAME") or _host_name()
+
+
+class EngineExecutor:
+    """Rank 0 driving workers through an Engine (module mode, collective mode, in-process)."""
+
+    def __init__(self, engine, collective: bool = False):
+        self.engine = engine
+        self.collective = collective
+
+    @property
+    def nworkers(self):
+        return self.engine.nworkers
+
+    def _released(self):
+        if self.collective:
+            self.engine.release()
+
+    def open_pool(self, common, has_common, initializer, initargs):
+        try:
+            pid, common_obj = self.engine.open_pool(common, initializer, initargs, has_common)
+        finally:
+            self._released()
+        return (pid, common_obj)
+
+    def close_pool(self, handle):
+        try:
+            self.engine.close_pool(*handle)
+        finally:
+            self._released()
+
+    def _start(self, pool, func, iterables, lazy, **kw):
+        common_obj = pool[1] if pool is not None else None
+        return self.engine.start(func, iterables, common_obj=common_obj,
+                                 per_map_common=kw.pop("common", None),
+                                 has_common=kw.pop("has_common", False) or common_obj is not None,
+                                 pool=None if pool is None else pool[0], lazy=lazy, **kw)
+
+    def map(self, pool, func, iterables, **kw):
+        try:
+            job = self._start(pool, func, iterables, False, **kw)
+            return self.engine.run(job)
+        finally:
+            self._released()
+
+    def imap(self, pool, func, iterables, **kw):
+        try:
+            job = self._start(pool, func, iterables, True, **kw)
+        except BaseException:
+            self._released()
+            raise
+        return self._iterate(job)
+
+    def _iterate(self, job):
+        try:
+            yield from self.engine.iterate(job)
+        finally:
+            self._released()
+
+
+class CollectiveWorkerExecutor:
+    """A non-root rank in collective mode: each call serves rank 0's map, then returns."""
+
+    def __init__(self, worker):
+        self.worker = worker
+
+    @property
+    def nworkers(self):
+        return self.worker.ep.size
+
+    def _serve(self):
+        from ._mpi import RankZeroGone
+
+        with _thread_limits():
+            try:
+                how = self.worker.serve()
+            except RankZeroGone:
+                _die("rank 0 has exited while this rank was serving it")
+        if how == "shutdown":
+            _exit_now(0)
+
+    def open_pool(self, *args):
+        self._serve()
+        return None
+
+    def close_pool(self, handle):
+        self._serve()
+
+    def map(self, pool, func, iterables, **kw):
+        self._serve()
+        return None
+
+    def imap(self, pool, func, iterables, **kw):
+        self._serve()
+        return iter(())
+
+
+def _thread_limits():
+    """Cap BLAS/OpenMP pools to 1 thread while serving, unless the user chose a setting."""
+    import contextlib
+
+    if not worker_thread_env(os.environ):
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1)
+
+
+_SERIAL = SerialExecutor()
+
+
+def executor():
+    """The executor for a map called at this point."""
+    if _task.in_task() or knob("MPIMAP_SERIAL"):
+        return _SERIAL
+    if _state.executor is None:
+        _decide()
+    return _state.executor
+
+
+def _decide():
+    """First map of a plain script: serial, or collective over the launcher's world."""
+    if launched_world_size(os.environ) is None and "mpi4py.MPI" not in sys.modules:
+        _state.mode = "serial"
+        _state.executor = _SERIAL
+        return
+    from . import _mpi
+
+    if _mpi.world_size() == 1:
+        _state.mode = "serial"
+        _state.executor = _SERIAL
+        return
+    install_excepthook(force=True)
+    session = _mpi.Session()
+    _state.session = session
+    _state.mode = "collective"
+    if session.rank == 0:
+        from ._driver import Engine
+
+        _state.hub = _mpi.MPIHub(session)
+        _state.engine = Engine(_state.hub, collective=True)
+        _state.executor = EngineExecutor(_state.engine, collective=True)
+    else:
+        from ._worker import Worker
+
+        _state.worker = Worker(_mpi.MPIEndpoint(session))
+        _state.executor = CollectiveWorkerExecutor(_state.worker)
+
+
+def use_engine(engine, collective=False):
+    """Route maps of this process to ``engine`` (tests; returns the previous executor)."""
+    previous = _state.executor
+    _state.executor = EngineExecutor(engine, collective)
+    return previous
+
+
+def restore(previous):
+    _state.executor = previous
+
+
+# ----------------------------------------------------------------------------------------------
+# Ending a job
+
+def _flush():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+def _exit_now(code):
+    _flush()
+    os._exit(code)
+
+
+def _die(message, code=1):
+    print(f"mpimap: {message}", file=sys.stderr)
+    _exit_now(code)
+
+
+def _abort(code):
+    """End every rank now: MPI_Abort if MPI is up (initialising it first if need be)."""
+    _flush()
+    try:
+        from mpi4py import MPI
+
+        if not MPI.Is_initialized():
+            MPI.Init()
+        if not MPI.Is_finalized():
+            MPI.COMM_WORLD.Abort(code or 1)
+    except Exception:
+        pass
+    os._exit(code or 1)
+
+
+_hook_installed = False
+
+
+def install_excepthook(force: bool = False) -> None:
+    """Under a launcher: an uncaught exception on any rank prints its traceback and aborts all."""
+    global _hook_installed
+    if _hook_installed:
+        return
+    size = launched_world_size(os.environ)
+    if not force and (size is None or size == 1):
+        return
+    previous = sys.excepthook
+
+    def hook(etype, value, tb):
+        try:
+            previous(etype, value, tb)
+            rank = os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "?"
+            print(f"mpimap: uncaught {etype.__name__} on rank {rank}; aborting every rank so "
+                  f"none waits for it", file=sys.stderr)
+        finally:
+            _abort(1)
+
+    sys.excepthook = hook
+    _hook_installed = True
+
+
+# ----------------------------------------------------------------------------------------------
+# python -m mpimap
+
+_USAGE = """usage: python -m mpimap [--guard] script.py [args...]
+
+Run script.py as __main__ on rank 0; every other rank serves its pmap/imap/Pool calls.
+Start it with a launcher, e.g.  mpiexec -n 8 python -m mpimap script.py  or  mpimap run -n 8 script.py
+"""
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    guard = False
+    while argv and argv[0].startswith("-"):
+        opt = argv.pop(0)
+        if opt in ("-h", "--help"):
+            print(_USAGE)
+            sys.exit(0)
+        elif opt == "--version":
+            from . import __version__
+
+            print(f"mpimap {__version__}")
+            sys.exit(0)
+        elif opt == "--guard":
+            guard = True
+        else:
+            sys.exit(f"mpimap: unknown option {opt}\n{_USAGE}")
+    if not argv:
+        sys.exit(_USAGE)
+    script, args = argv[0], argv[1:]
+    if not os.path.isfile(script):
+        sys.exit(f"mpimap: cannot find the script {script!r} (cwd: {os.getcwd()})")
+    if guard:
+        _guard()
+    from . import _mpi
+
+    rank = _mpi.world_rank()
+    if rank != 0:
+        os.environ.update(worker_thread_env(os.environ))
+    sys.argv = [script, *args]
+    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    try:
+        session = _mpi.Session()
+    except Exception:
+        traceback.print_exc()
+        _abort(1)
+    _state.session = session
+    if session.size == 1:
+        _state.mode, _state.executor = "serial", _SERIAL
+        code = _run_script(script)
+        sys.exit(code)
+    if rank == 0:
+        _driver_main(session, script)
+    else:
+        _worker_main(session)
+
+
+def _run_script(script) -> int:
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code
+        if code is None:
+            return 0
+        if isinstance(code, int):
+            return code
+        print(code, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        return 130
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def _driver_main(session, script):
+    from . import _mpi
+    from ._driver import Engine
+
+    _state.mode = "driver"
+    _state.hub = hub = _mpi.MPIHub(session)
+    _state.engine = engine = Engine(hub)
+    _state.executor = EngineExecutor(engine)
+    code = _run_script(script)
+    try:
+        stopped = engine.shutdown(knob("MPIMAP_SHUTDOWN_TIMEOUT"))
+    except BaseException:
+        traceback.print_exc()
+        stopped = False
+    if not stopped:
+        busy = sorted(w.rank for w in engine.live)
+        print(f"mpimap: worker rank(s) {busy} did not stop within MPIMAP_SHUTDOWN_TIMEOUT="
+              f"{knob('MPIMAP_SHUTDOWN_TIMEOUT')} s (still running a task?); aborting the job",
+              file=sys.stderr)
+        _abort(code or 1)
+    hub.close()
+    lost = any(not w.alive for w in engine.workers.values())
+    session.finalize(clean=not lost)
+    if lost:
+        # MPI_Finalize can wait forever for a rank that died: leave without it.
+        _exit_now(code)
+    _flush()
+    sys.exit(code)
+
+
+def _worker_main(session):
+    from . import _mpi
+    from ._worker import Worker
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides how a Ctrl-C ends the run
+    main = types.ModuleType("__main__")
+    main.__dict__["__builtins__"] = __builtins__
+    sys.modules["__main__"] = main
+    _serial._REGISTER_IN_MAIN = True
+    _state.mode = "worker"
+    try:
+        Worker(_mpi.MPIEndpoint(session)).serve()
+    except _mpi.RankZeroGone:
+        _die(f"rank 0 has exited; worker rank {session.rank} stops")
+    except BaseException:
+        traceback.print_exc()
+        print(f"mpimap: internal error on worker rank {session.rank}; aborting", file=sys.stderr)
+        _abort(1)
+    session.finalize(clean=True)
+    _flush()
+    sys.exit(0)
+
+
+def _guard():
+    """Run the rank as a child process and turn its death by a signal into an exit code.
+
+    With ``mpiexec -disable-auto-cleanup`` hydra keeps the other ranks alive when one *exits*
+    non-zero, but still kills them all when one is killed by a signal (SIGKILL, a segfault).
+    The guard exits with 128+signal instead, so rank 0 survives to report the lost rank.
+    Signals sent to the guard (SIGTERM, SIGINT, SIGUSR1...) are passed to the child.
+    """
+    parent = os.getpid()
+    child = os.fork()
+    if child == 0:
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except Exception:
+            pass
+        if os.getppid() != parent:
+            os._exit(1)
+        return
+
+    def forward(signum, _frame):
+        try:
+            os.kill(child, signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP,
+                signal.SIGQUIT, signal.SIGCONT):
+        signal.signal(sig, forward)
+    while True:
+        try:
+            _pid, status = os.waitpid(child, 0)
+            break
+        except ChildProcessError:
+            os._exit(1)
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        rank = os.environ.get("PMI_RANK", "?")
+        print(f"mpimap: rank {rank} (pid {child}) was killed by signal "
+              f"{signal.Signals(sig).name}", file=sys.stderr)
+        _exit_now(128 + sig)
+    _exit_now(os.WEXITSTATUS(status))
+
+
+def mode() -> str | None:
+    return _state.mode
+
+
+def is_root() -> bool:
+    """True on the rank that drives maps (rank 0), and in serial mode."""
+    if _state.mode is None:
+        size = launched_world_size(os.environ)
+        if size is None:
+            return True
+        rank = os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or \
+            os.environ.get("PMIX_RANK") or os.environ.get("SLURM_PROCID") or "0"
+        return rank == "0"
+    return _state.mode in ("serial", "driver") or (
+        _state.mode == "collective" and _state.session is not None and _state.session.rank == 0)
+
