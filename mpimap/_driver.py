@@ -515,7 +515,7 @@ class Engine:
                 if job.complete and not job.ready and not job.ready_order:
                     return
                 self.fill(job)
-                if not job.ready and not job.ready_order:
+                if (job.next_out not in job.ready) if job.ordered else not job.ready_order:
                     self._wait(job)
         finally:
             self.finish(job)
@@ -552,27 +552,29 @@ class Engine:
                 self.hub.send(w.rank, Frame(DROP, meta))
             self.hub.send(w.rank, Frame(RELEASE))
 
-    def shutdown(self, timeout: float) -> bool:
-        """Tell every worker to exit; True if all acknowledged within ``timeout`` seconds."""
+    def shutdown(self, timeout: float) -> list:
+        """Tell every worker to exit; returns the ranks that did not acknowledge in time."""
         if self.closed:
-            return True
+            return []
         self.closed = True
         for job in list(self.jobs.values()):
             self.cancel(job)
         waiting = {w.rank for w in self.live}
+        # After a rank died, MPI_Finalize may wait for it forever: everyone leaves without it.
+        lost = any(not w.alive for w in self.workers.values())
         for r in waiting:
-            self.hub.send(r, Frame(SHUTDOWN))
+            self.hub.send(r, Frame(SHUTDOWN, {"abandon": lost}))
         deadline = time.monotonic() + timeout
         while waiting:
             left = deadline - time.monotonic()
             if left <= 0:
-                return False
+                break
             self.progress(min(left, 0.5))
             for rank, _meta in self._take_replies("shutdown"):
                 waiting.discard(rank)
                 self.workers[rank].stopped = True
             waiting &= {w.rank for w in self.live}
-        return True
+        return sorted(waiting)
 
 
 def _what_func(func) -> str:

@@ -202,7 +202,7 @@ class MPIHub(_Conn):
                 data = sock.recv(65536)
             except OSError as exc:
                 data = b""
-                reason = f"lifeline error: {exc}"
+                reason = f"its process ended: {exc.strerror or exc}"
             else:
                 reason = "its process ended"
             if data:

@@ -24,7 +24,8 @@ _LATER = {
 }
 
 
-def _check(func, errors, ordered, seed, progress, files=None, modules=None, checkpoint=None):
+def _check(func, errors, ordered, seed, progress, files=None, modules=None, checkpoint=None,
+           chunksize=None):
     for name, value in (("files", files), ("modules", modules), ("checkpoint", checkpoint)):
         if value is not None:
             raise NotAvailableError(_LATER[name])
@@ -32,6 +33,10 @@ def _check(func, errors, ordered, seed, progress, files=None, modules=None, chec
         raise TypeError(f"the function to map must be callable; got {type(func).__name__}")
     if errors not in ("raise", "return"):
         raise ValueError(f'errors must be "raise" or "return", not {errors!r}')
+    if chunksize is not None and (isinstance(chunksize, bool) or
+                                  not isinstance(chunksize, numbers.Integral) or chunksize < 1):
+        raise ValueError(f"chunksize must be a positive int or None (automatic), "
+                         f"not {chunksize!r}")
     if not isinstance(ordered, bool):
         raise TypeError(f"ordered must be True or False, not {ordered!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
@@ -59,7 +64,7 @@ def pmap(func, iterable, *iterables, common=None, files=None, modules=None, chun
     ``mpiexec python script.py`` every rank calls it and ranks other than 0 get ``None``.
     Inside a task it runs serially in that task.
     """
-    seed = _check(func, errors, ordered, seed, progress, files, modules, checkpoint)
+    seed = _check(func, errors, ordered, seed, progress, files, modules, checkpoint, chunksize)
     return _runtime.executor().map(None, func, (iterable, *iterables), common=common,
                                    has_common=common is not None, chunksize=chunksize,
                                    ordered=ordered, errors=errors, progress=progress, seed=seed)
@@ -73,7 +78,7 @@ def imap(func, iterable, *iterables, common=None, files=None, modules=None, chun
     generator of millions of items is never held in memory. Leaving the loop early cancels the
     rest.
     """
-    seed = _check(func, errors, True, seed, progress, files, modules, checkpoint)
+    seed = _check(func, errors, True, seed, progress, files, modules, checkpoint, chunksize)
     return _runtime.executor().imap(None, func, (iterable, *iterables), common=common,
                                     has_common=common is not None, chunksize=chunksize,
                                     ordered=True, errors=errors, progress=progress, seed=seed)
@@ -82,7 +87,7 @@ def imap(func, iterable, *iterables, common=None, files=None, modules=None, chun
 def imap_unordered(func, iterable, *iterables, common=None, files=None, modules=None,
                    chunksize=None, errors="raise", progress=False, checkpoint=None, seed=None):
     """Like ``imap``, but results come in completion order."""
-    seed = _check(func, errors, False, seed, progress, files, modules, checkpoint)
+    seed = _check(func, errors, False, seed, progress, files, modules, checkpoint, chunksize)
     return _runtime.executor().imap(None, func, (iterable, *iterables), common=common,
                                     has_common=common is not None, chunksize=chunksize,
                                     ordered=False, errors=errors, progress=progress, seed=seed)
@@ -119,21 +124,21 @@ class Pool:
 
     def map(self, func, iterable, *iterables, chunksize=None, ordered=True, errors="raise",
             progress=False, seed=None):
-        seed = _check(func, errors, ordered, seed, progress)
+        seed = _check(func, errors, ordered, seed, progress, chunksize=chunksize)
         return self._live().map(self._handle, func, (iterable, *iterables),
                                 chunksize=chunksize, ordered=ordered, errors=errors,
                                 progress=progress, seed=seed)
 
     def imap(self, func, iterable, *iterables, chunksize=None, errors="raise", progress=False,
              seed=None):
-        seed = _check(func, errors, True, seed, progress)
+        seed = _check(func, errors, True, seed, progress, chunksize=chunksize)
         return self._live().imap(self._handle, func, (iterable, *iterables),
                                  chunksize=chunksize, ordered=True, errors=errors,
                                  progress=progress, seed=seed)
 
     def imap_unordered(self, func, iterable, *iterables, chunksize=None, errors="raise",
                        progress=False, seed=None):
-        seed = _check(func, errors, False, seed, progress)
+        seed = _check(func, errors, False, seed, progress, chunksize=chunksize)
         return self._live().imap(self._handle, func, (iterable, *iterables),
                                  chunksize=chunksize, ordered=False, errors=errors,
                                  progress=progress, seed=seed)

@@ -23,6 +23,7 @@ import os
 import runpy
 import signal
 import sys
+import time
 import traceback
 import types
 
@@ -72,7 +73,7 @@ class SerialExecutor:
     @staticmethod
     def _run(func, source, has_common, common, errors, seed, bar):
         star = source.nargs > 1
-        outer = _task._current
+        outer = _task.current()
         start = 0
         try:
             while True:
@@ -83,7 +84,7 @@ class SerialExecutor:
                 state = _task._Running(start, out, seed, 0, 1, _node_name(), _host_name(), 0)
                 for item in items:
                     args = item if star else (item,)
-                    _task._current = state
+                    _task.begin(state)
                     try:
                         value = func(*args, common) if has_common else func(*args)
                     except Exception as exc:
@@ -93,14 +94,14 @@ class SerialExecutor:
                             raise
                         value = exc
                     finally:
-                        _task._current = outer
+                        _task.begin(outer)
                     out.append(value)
                     if bar is not None:
                         bar.update(1)
                     yield value
                 start += len(items)
         finally:
-            _task._current = outer
+            _task.begin(outer)
             if bar is not None:
                 bar.close()
 
@@ -205,7 +206,7 @@ class CollectiveWorkerExecutor:
             except RankZeroGone:
                 _die("rank 0 has exited while this rank was serving it")
         if how == "shutdown":
-            _exit_now(0)
+            _exit_now(0)  # rank 0 is gone or leaving: never return into the script
 
     def open_pool(self, *args):
         self._serve()
@@ -312,6 +313,8 @@ def _die(message, code=1):
 def _abort(code):
     """End every rank now: MPI_Abort if MPI is up (initialising it first if need be)."""
     _flush()
+    # hydra stops forwarding a rank's output the moment it aborts: give it the last lines.
+    time.sleep(0.3)
     try:
         from mpi4py import MPI
 
@@ -437,12 +440,11 @@ def _driver_main(session, script):
     _state.executor = EngineExecutor(engine)
     code = _run_script(script)
     try:
-        stopped = engine.shutdown(knob("MPIMAP_SHUTDOWN_TIMEOUT"))
+        busy = engine.shutdown(knob("MPIMAP_SHUTDOWN_TIMEOUT"))
     except BaseException:
         traceback.print_exc()
-        stopped = False
-    if not stopped:
         busy = sorted(w.rank for w in engine.live)
+    if busy:
         print(f"mpimap: worker rank(s) {busy} did not stop within MPIMAP_SHUTDOWN_TIMEOUT="
               f"{knob('MPIMAP_SHUTDOWN_TIMEOUT')} s (still running a task?); aborting the job",
               file=sys.stderr)
@@ -467,14 +469,17 @@ def _worker_main(session):
     sys.modules["__main__"] = main
     _serial._REGISTER_IN_MAIN = True
     _state.mode = "worker"
+    worker = Worker(_mpi.MPIEndpoint(session))
     try:
-        Worker(_mpi.MPIEndpoint(session)).serve()
+        worker.serve()
     except _mpi.RankZeroGone:
         _die(f"rank 0 has exited; worker rank {session.rank} stops")
     except BaseException:
         traceback.print_exc()
         print(f"mpimap: internal error on worker rank {session.rank}; aborting", file=sys.stderr)
         _abort(1)
+    if worker.abandon:
+        _exit_now(0)
     session.finalize(clean=True)
     _flush()
     sys.exit(0)

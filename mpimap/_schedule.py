@@ -2,11 +2,11 @@
 
 Automatic chunk size (``chunksize=None``), for ``R`` items left and ``P`` workers:
 
-    size = max(MIN_SECONDS / t_item,               # a chunk never carries less than ~0.2 ms of
-                                                   #   work: below that a round trip costs more
-               min(ceil(R / (2P)),                 # guided self-scheduling: the tail stays short
-                   CHUNK_SECONDS / t_item,         # a chunk is ~20 ms of work: overhead stays small
-                   CHUNK_BYTES / b_item))          # and a bounded message
+    size = min(CHUNK_BYTES / b_item,               # a bounded message
+               max(MIN_SECONDS / t_item,           # never less than ~0.2 ms of work: below that
+                                                   #   a round trip costs more than it saves
+                   min(ceil(R / (2P)),             # guided self-scheduling: the tail stays short
+                       CHUNK_SECONDS / t_item)))   # ~20 ms of work: overhead stays small
 
 ``t_item`` is the compute time per item measured by the workers (the median over the last chunks,
 so neither a slow first call nor one huge item swings it) and ``b_item`` the pickled bytes per item.
@@ -86,11 +86,11 @@ class ChunkPlanner:
                 size = int(self.target / per_item)
                 if remaining is not None:
                     size = min(size, math.ceil(remaining / (2 * self.nworkers)))
-                else:
-                    size = min(size, UNKNOWN_LENGTH_MAX)
+                size = max(size, math.ceil(MIN_SECONDS / per_item))
                 if self.items_sized:
                     size = min(size, int(CHUNK_BYTES * self.items_sized / max(self.nbytes, 1)))
-                size = max(size, math.ceil(MIN_SECONDS / per_item))
+                if remaining is None:
+                    size = min(size, UNKNOWN_LENGTH_MAX)
         if remaining is not None:
             size = min(size, remaining)
         return max(1, size)

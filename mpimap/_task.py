@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, field
 
 from ._errors import MpimapError
@@ -36,21 +37,25 @@ class _Running:
         return self.start + len(self.results)
 
 
-_current: _Running | None = None
+# Per thread: a worker runs one chunk at a time, but the in-process test transport runs several
+# workers as threads of one process.
+_local = threading.local()
 
 
-def begin(state: _Running) -> None:
-    global _current
-    _current = state
+def current() -> _Running | None:
+    return getattr(_local, "state", None)
+
+
+def begin(state: _Running | None) -> None:
+    _local.state = state
 
 
 def end() -> None:
-    global _current
-    _current = None
+    _local.state = None
 
 
 def in_task() -> bool:
-    return _current is not None
+    return getattr(_local, "state", None) is not None
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ def remove_scratch(job: int, rank: int, root: str | None = None) -> None:
 
 def task() -> TaskInfo:
     """Information about the task running now; only valid inside a function run by mpimap."""
-    s = _current
+    s = current()
     if s is None:
         raise MpimapError("mpimap.task() is only available inside a function that pmap, imap or "
                           "a Pool is running")
@@ -103,7 +108,7 @@ def rng():
     results do not change with the number of ranks or the order in which items run. Calls within
     one task return the same generator (its stream continues).
     """
-    s = _current
+    s = current()
     if s is None:
         raise MpimapError("mpimap.rng() is only available inside a function that pmap, imap or "
                           "a Pool is running")

@@ -240,5 +240,6 @@ class InProcHub:
         for r, ep in self.endpoints.items():
             if not self.killed.get(r):
                 ep.down.put(Frame(SHUTDOWN), self.inline_max)
-        for t in self.threads:
-            t.join(timeout=5)
+        for r, t in zip(self.endpoints, self.threads):
+            if not self.killed.get(r):
+                t.join(timeout=5)

@@ -104,6 +104,7 @@ class Worker:
         self.overlays: dict = {}
         self.cancelled: set = set()
         self.backlog: deque = deque()
+        self.abandon = False  # set by SHUTDOWN when a rank died: skip MPI_Finalize
 
     # -- loop ------------------------------------------------------------------------------------
 
@@ -130,6 +131,7 @@ class Worker:
             elif kind == SHUTDOWN:
                 self.ep.send(Frame(REPLY, {"what": "shutdown", "ok": True}))
                 self.ep.flush()
+                self.abandon = bool(frame.meta and frame.meta.get("abandon"))
                 return "shutdown"
 
     def _drain(self):

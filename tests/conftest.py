@@ -1,0 +1,106 @@
+"""Shared fixtures.
+
+``engine``: an Engine over the in-process transport (worker threads, same bytes path), installed
+as the executor of the public functions, so ``mpimap.pmap`` in a test runs on it.
+
+``run_mpi``: launch a real MPI job as a subprocess with a deadline -- a hang fails that one test
+with its output, never the whole run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mpimap import _launch, _runtime
+from mpimap._driver import Engine
+from mpimap._transport import InProcHub
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+
+@pytest.fixture
+def make_engine():
+    made = []
+
+    def make(nworkers=2):
+        hub = InProcHub(nworkers)
+        engine = Engine(hub)
+        previous = _runtime.use_engine(engine)
+        made.append((hub, engine, previous))
+        return engine
+
+    yield make
+    for hub, engine, previous in reversed(made):
+        _runtime.restore(previous)
+        engine.shutdown(5)
+        hub.close()
+
+
+@pytest.fixture
+def engine(make_engine):
+    return make_engine(2)
+
+
+class Result:
+    def __init__(self, argv, rc, out, err):
+        self.argv, self.rc, self.out, self.err = argv, rc, out, err
+
+    def __repr__(self):
+        return (f"<{' '.join(map(str, self.argv))}: rc={self.rc}>\n--- stdout ---\n{self.out}"
+                f"\n--- stderr ---\n{self.err}")
+
+
+def mpiexec():
+    path = _launch.find_mpiexec()
+    if path is None:
+        pytest.skip("no mpiexec: install the MPI test dependencies with "
+                    "`pip install -e .[mpich,test]`")
+    return path
+
+
+def run_cmd(argv, timeout=90, env=None, cwd=None) -> Result:
+    full_env = dict(os.environ)
+    full_env.pop("MPIMAP_SERIAL", None)
+    full_env["PYTHONUNBUFFERED"] = "1"
+    full_env.update(env or {})
+    proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=full_env,
+                            cwd=cwd or SCRIPTS, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"deadline of {timeout} s passed (a hang):\n"
+                    f"{Result(argv, None, out, err)!r}")
+    return Result(argv, proc.returncode, out, err)
+
+
+@pytest.fixture
+def run_mpi():
+    """run_mpi(n, script, *args, mode="module"|"plain"|"run"|"serial", timeout=90, env=None)."""
+
+    def run(n, script, *args, mode="module", timeout=90, env=None):
+        script = str(SCRIPTS / script) if not os.path.isabs(script) else script
+        py = sys.executable
+        if mode == "serial":
+            argv = [py, script, *args]
+        elif mode == "module":
+            argv = [mpiexec(), "-n", n, py, "-m", "mpimap", script, *args]
+        elif mode == "plain":
+            argv = [mpiexec(), "-n", n, py, script, *args]
+        elif mode == "run":
+            mpiexec()
+            argv = [py, "-m", "mpimap.cli", "run", "-n", n, script, *args]
+        else:
+            raise ValueError(mode)
+        return run_cmd(argv, timeout=timeout, env=env)
+
+    return run

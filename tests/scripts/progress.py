@@ -1,0 +1,3 @@
+import mpimap
+
+print(sum(mpimap.pmap(abs, range(500), progress=True)))
