@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-__all__ = ["KNOBS", "knob", "launched_world_size", "worker_thread_env"]
+__all__ = ["KNOBS", "knob", "launch_mismatch", "launched_world_size", "launcher_library_mismatch",
+           "worker_thread_env"]
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,21 @@ def _bytes(text):
     return value
 
 
+def _choice(*choices):
+    def parse(text):
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
 KNOBS = {
     k.name: k
     for k in [
-        Knob("MPIMAP_CHUNK_SECONDS", 0.02, _positive(float),
-             "target seconds of work per automatic chunk (overhead vs. tail length)"),
+        Knob("MPIMAP_CHUNK_SECONDS", 0.005, _positive(float),
+             "least target seconds of work per automatic chunk (overhead vs. tail length)"),
         Knob("MPIMAP_PREFETCH", 2, _positive(int),
              "chunks queued per worker while chunks are short, so no worker waits for rank 0"),
         Knob("MPIMAP_READ_AHEAD", 0, lambda t: max(0, int(t)),
@@ -84,6 +95,14 @@ KNOBS = {
              "run every map in-process even under a launcher (debugging)"),
         Knob("MPIMAP_NO_THREAD_LIMITS", False, _bool,
              "do not cap BLAS/OpenMP threads to 1 on serving ranks"),
+        Knob("MPIMAP_LAUNCHER", "auto", _choice("auto", "srun", "mpiexec", "hydra", "openmpi"),
+             "which launcher `mpimap run` uses (auto: srun inside a Slurm allocation, else the "
+             "mpiexec of mpi4py's MPI library)"),
+        Knob("MPIMAP_MPIEXEC", "", str.strip,
+             "the mpiexec/mpirun program `mpimap run` uses (default: found beside Python, in "
+             "the MPI library's prefix, or on PATH)"),
+        Knob("MPIMAP_NO_LAUNCH_CHECK", False, _bool,
+             "skip the check that the launcher and mpi4py's MPI library agree on the world size"),
     ]
 }
 
@@ -130,6 +149,94 @@ def launched_world_size(environ: Mapping[str, str]) -> int | None:
             return int(value)
     if any(v in environ for v in _PRESENCE_VARS):
         return 0
+    return None
+
+
+# What a launcher announces, for the mismatch check: (variable, who sets it).
+_ANNOUNCERS = (
+    ("OMPI_COMM_WORLD_SIZE", "Open MPI's mpirun"),
+    ("PMI_SIZE", "A PMI launcher (MPICH's hydra mpiexec, or srun --mpi=pmi2)"),
+    ("PMIX_SIZE", "A PMIx launcher"),
+    ("SLURM_STEP_NUM_TASKS", "srun"),
+)
+_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+def announced_rank(environ: Mapping[str, str]) -> int | None:
+    """This process's rank as the launcher announced it, if it did."""
+    for var in _RANK_VARS:
+        value = environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def launcher_library_mismatch(environ: Mapping[str, str], family: str) -> str | None:
+    """Before MPI starts: is this process's launcher one that ``family``'s library cannot join?
+
+    ``family`` is the library mpi4py is about to load ('mpich' or 'openmpi'; anything else:
+    no opinion). Caught here because such a library aborts inside MPI_Init with its own terse
+    message (MPICH under Open MPI's mpirun: "unsupported PMI version PMIx").
+    """
+    if family == "mpich" and environ.get("OMPI_COMM_WORLD_SIZE", "").isdigit():
+        return ("Open MPI's mpirun started this process (OMPI_COMM_WORLD_SIZE is set), but "
+                "mpi4py loads an MPICH-family MPI library, which cannot join an Open MPI job. "
+                "Use MPICH's own mpiexec (`mpimap run` finds it; with the `mpich` wheel it is "
+                "in the virtualenv's bin/), or make mpi4py load Open MPI "
+                "(MPI4PY_LIBMPI=/path/to/libmpi.so.40, or rebuild mpi4py against it).")
+    if family == "openmpi" and any(v in environ for v in ("PMI_FD", "PMI_PORT")) and not any(
+            v in environ for v in ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMIX_NAMESPACE")):
+        how = ("srun --mpi=pmi2" if "SLURM_STEP_ID" in environ
+               else "a PMI launcher such as MPICH's hydra mpiexec")
+        return (f"{how} started this process, but mpi4py loads Open MPI, which needs PMIx. "
+                f"Use `mpimap run` (it picks Open MPI's mpirun, or `srun --mpi=pmix` inside "
+                f"Slurm), or make mpi4py load the MPICH library the launcher belongs to.")
+    return None
+
+
+def launch_mismatch(environ: Mapping[str, str], world_size: int, library: str = "") -> str | None:
+    """Why the launcher and MPI disagree, or None when they agree (or nothing can be told).
+
+    A launcher from another MPI than the one mpi4py loaded (or ``srun --mpi=none``) starts N
+    processes that each see a world of one and would each run the whole script alone. The
+    launcher still announces N in the environment; MPI's own world size tells the truth.
+    """
+    lib = f" ({library})" if library else ""
+    announced = [(var, who, int(environ[var])) for var, who in _ANNOUNCERS[:3]
+                 if environ.get(var, "").isdigit()]
+    if not announced:
+        # Only srun's own count is left. It is the step's task count: trust it only for a task
+        # of an srun step (not the batch script) that no PMI-speaking launcher started.
+        value = environ.get("SLURM_STEP_NUM_TASKS", "")
+        if (world_size == 1 and value.isdigit() and int(value) > 1 and "SLURM_PROCID" in environ
+                and not any(v in environ for v in ("PMI_FD", "PMI_PORT", "PMIX_NAMESPACE"))):
+            return (f"srun started {value} processes (SLURM_STEP_NUM_TASKS={value}), but MPI "
+                    f"gives this one a world of 1: each would run the whole script alone. srun "
+                    f"started them without a PMI plugin that this MPI library{lib} speaks "
+                    f"(srun --mpi=none, or a site default of none), so they cannot find each "
+                    f"other. Use `mpimap run` inside the allocation, or `srun --mpi=pmi2` for "
+                    f"MPICH / Intel MPI and `srun --mpi=pmix` for Open MPI (`srun --mpi=list` "
+                    f"shows what the site has).")
+        return None
+    for var, who, value in announced:
+        if value == world_size:
+            continue
+        if world_size != 1:
+            return (f"the launcher announced {var}={value}, but MPI reports a world of "
+                    f"{world_size} processes. Start the script with `mpimap run`, or with the "
+                    f"launcher of the MPI library mpi4py uses{lib}.")
+        if var == "OMPI_COMM_WORLD_SIZE":
+            fix = (f"Open MPI's mpirun started them, but mpi4py loaded another MPI library{lib}. "
+                   f"Use that library's own mpiexec (`mpimap run` finds it), or make mpi4py "
+                   f"load Open MPI (MPI4PY_LIBMPI=/path/to/libmpi.so.40, or rebuild mpi4py "
+                   f"against it).")
+        else:
+            fix = (f"{who} started them, but mpi4py's MPI library{lib} did not join its "
+                   f"world: the launcher belongs to another MPI. Use `mpimap run`, which picks "
+                   f"the launcher of the library mpi4py loads, or put that library's mpiexec "
+                   f"first on PATH.")
+        return (f"the launcher started {value} processes ({var}={value}), but MPI gives this "
+                f"one a world of 1: each would run the whole script alone. {fix}")
     return None
 
 

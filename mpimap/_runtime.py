@@ -28,7 +28,8 @@ import traceback
 import types
 
 from . import _serial, _task
-from ._env import knob, launched_world_size, worker_thread_env
+from ._env import (announced_rank, knob, launch_mismatch, launched_world_size,
+                   launcher_library_mismatch, worker_thread_env)
 
 __all__ = ["executor", "install_excepthook", "main"]
 
@@ -387,9 +388,11 @@ def main(argv=None) -> None:
         sys.exit(f"mpimap: cannot find the script {script!r} (cwd: {os.getcwd()})")
     if guard:
         _guard()
+    _check_launcher_before_init()
     from . import _mpi
 
     rank = _mpi.world_rank()
+    _check_launch(_mpi)
     if rank != 0:
         os.environ.update(worker_thread_env(os.environ))
     sys.argv = [script, *args]
@@ -408,6 +411,49 @@ def main(argv=None) -> None:
         _driver_main(session, script)
     else:
         _worker_main(session)
+
+
+# -- launcher / MPI library mismatch (see _env.launch_mismatch) ---------------------------------
+
+def _launch_check_failed(problem: str) -> None:
+    if announced_rank(os.environ) in (0, None):  # one message, not one per process
+        print(f"mpimap: {problem}\n(MPIMAP_NO_LAUNCH_CHECK=1 skips this check.)",
+              file=sys.stderr)
+    else:
+        import time
+
+        time.sleep(1.0)  # a launcher that kills the job at the first exit must not cut rank 0 short
+    _exit_now(2)
+
+
+def _check_launcher_before_init() -> None:
+    """A launcher the loaded MPI library cannot join makes MPI_Init abort with a terse message of
+    its own: explain it first. mpi4py's ABI loader says which library it will load."""
+    if knob("MPIMAP_NO_LAUNCH_CHECK"):
+        return
+    try:
+        from mpi4py import _mpiabi  # present in mpi4py's multi-MPI wheels (4.1+)
+
+        family = _mpiabi._get_mpiabi()
+    except Exception:
+        return
+    problem = launcher_library_mismatch(os.environ, family)
+    if problem is not None:
+        _launch_check_failed(problem)
+
+
+def _check_launch(mpi) -> None:
+    """Fail fast, before the script runs, when the launcher and mpi4py's MPI library disagree.
+
+    An mpiexec from another MPI, or ``srun --mpi=none``, starts N processes that each see a
+    world of one (see _env.launch_mismatch). Each would run the whole script alone and compute
+    everything N times; say so, with the fix, and stop every one of them.
+    """
+    if knob("MPIMAP_NO_LAUNCH_CHECK"):
+        return
+    problem = launch_mismatch(os.environ, mpi.world_size(), mpi.library())
+    if problem is not None:
+        _launch_check_failed(problem)
 
 
 def _run_script(script) -> int:

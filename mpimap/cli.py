@@ -1,8 +1,13 @@
-"""The ``mpimap`` command: argument parsing only; the work is done elsewhere."""
+"""The ``mpimap`` command: argument parsing only; the work is done elsewhere.
+
+One function per subcommand; each turns its arguments into a call to the module that does the
+work (_launch for run, _slurm for sbatch).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -26,11 +31,91 @@ def _version(args) -> int:
     return 0
 
 
+def _fail(command: str, exc: Exception) -> int:
+    print(f"mpimap {command}: {exc}", file=sys.stderr)
+    return 2
+
+
 def _run(args) -> int:
     from . import _launch
 
-    return _launch.run(args.nprocs, args.script, args.args, dry_run=args.dry_run,
-                       launcher_args=args.launcher_arg)
+    opts = _launch.RunOptions(
+        script=args.script, args=args.args, nprocs=args.nprocs, launcher=args.launcher,
+        mpiexec=args.mpiexec, python=args.python or sys.executable,
+        launcher_args=args.launcher_arg, dry_run=args.dry_run)
+    try:
+        return _launch.run(opts)
+    except _launch.LaunchError as exc:
+        return _fail("run", exc)
+
+
+def _env_pairs(items):
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--env {item!r}: write NAME=VALUE")
+        out[name] = value
+    return out
+
+
+def _sbatch(args) -> int:
+    from . import _launch, _slurm
+
+    script = os.path.abspath(args.script)
+    try:
+        if not os.path.isfile(script):
+            raise _launch.LaunchError(f"cannot find the script {args.script!r}")
+        opts = _slurm.SbatchOptions(
+            script=script, args=args.args, job_name=args.job_name, nodes=args.nodes,
+            ntasks=args.ntasks, ntasks_per_node=args.ntasks_per_node,
+            cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition,
+            account=args.account, mem=args.mem, output=args.output, error=args.error,
+            chdir=args.chdir, modules=args.module, venv=args.venv, conda_env=args.conda_env,
+            env=_env_pairs(args.env), setup=args.setup, extra_sbatch=args.extra_sbatch,
+            signal=args.signal, launcher=args.launcher, launcher_args=args.launcher_arg,
+            python=args.python or sys.executable, template=args.template)
+        text = _slurm.render(opts)
+        if args.dry_run:
+            sys.stdout.write(text)
+            return 0
+        job_id = _slurm.submit(text)
+        print(job_id, flush=True)
+        if not args.wait:
+            return 0
+        fields = _slurm.wait(job_id, timeout=args.wait_timeout)
+        code = _slurm.exit_status(fields)
+        print(f"mpimap sbatch: job {job_id} ended {fields.get('JobState')} (ExitCode "
+              f"{fields.get('ExitCode')}); output: {fields.get('StdOut', '?')}",
+              file=sys.stderr)
+        return code
+    except (_launch.LaunchError, ValueError) as exc:
+        return _fail("sbatch", exc)
+
+
+_LAUNCHER_HELP = ("auto (default; or $MPIMAP_LAUNCHER): srun inside a Slurm allocation, else the "
+                  "mpiexec of the MPI library mpi4py loads; srun; mpiexec; hydra; openmpi")
+
+
+def _add_launcher_options(p, *, sbatch: bool) -> None:
+    if sbatch:
+        p.add_argument("--launcher", default="srun", choices=("srun", "mpiexec", "hydra",
+                                                              "openmpi"),
+                       help="what starts the ranks inside the job (default srun, with the "
+                            "--mpi plugin of mpi4py's MPI library; mpiexec: that library's "
+                            "own mpiexec)")
+    else:
+        p.add_argument("--launcher", default="auto",
+                       choices=("auto", "srun", "mpiexec", "hydra", "openmpi"),
+                       help=_LAUNCHER_HELP)
+        p.add_argument("--mpiexec", metavar="PATH",
+                       help="the mpiexec/mpirun to use (default: found beside Python, in the MPI "
+                            "library's prefix, then on PATH; or $MPIMAP_MPIEXEC)")
+    p.add_argument("--launcher-arg", action="append", default=[], metavar="ARG",
+                   help="an extra argument for the launcher, repeatable; write "
+                        "--launcher-arg=--oversubscribe for one that starts with -")
+    p.add_argument("--python", metavar="PATH",
+                   help="the Python that runs the ranks (default: this one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,15 +130,62 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run", help="run a script on N ranks: rank 0 runs it, the others serve its maps",
         description="Start SCRIPT on N ranks with the launcher that matches the MPI library "
-                    "mpi4py uses. A rank that dies is reported as WorkerLostError by rank 0.")
-    p.add_argument("-n", "--np", dest="nprocs", type=int, required=True, metavar="N",
-                   help="number of ranks (1 runs the script in-process)")
+                    "mpi4py uses: srun --mpi=pmi2|pmix inside a Slurm allocation, else that "
+                    "library's mpiexec, set up so that a rank that dies is reported by rank 0 "
+                    "as WorkerLostError.")
+    p.add_argument("-n", "--np", dest="nprocs", type=int, metavar="N",
+                   help="number of ranks (inside a Slurm allocation: default every task)")
+    _add_launcher_options(p, sbatch=False)
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
-    p.add_argument("--launcher-arg", action="append", default=[], metavar="ARG",
-                   help="extra argument for the launcher (repeatable)")
     p.add_argument("script")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_run)
+
+    p = sub.add_parser(
+        "sbatch", help="render a Slurm batch script for SCRIPT and submit it",
+        description="Render a batch script from a Jinja2 template (slurm_templates/) and "
+                    "submit it with sbatch; print the job id. Slurm options left out are left "
+                    "to Slurm's defaults.")
+    g = p.add_argument_group("Slurm resources")
+    g.add_argument("-J", "--job-name", help="default: the script's name")
+    g.add_argument("-N", "--nodes")
+    g.add_argument("-n", "--ntasks", type=int, help="number of ranks in all")
+    g.add_argument("--ntasks-per-node", type=int)
+    g.add_argument("-c", "--cpus-per-task", type=int)
+    g.add_argument("-t", "--time", help="time limit, e.g. 01:00:00")
+    g.add_argument("-p", "--partition")
+    g.add_argument("-A", "--account")
+    g.add_argument("--mem", help="memory per node, e.g. 8G")
+    g.add_argument("-o", "--output", help="Slurm filename pattern for stdout (default "
+                                          "JOBNAME-%%j.out; write %%%% for a literal %%)")
+    g.add_argument("-e", "--error", help="filename pattern for stderr (default: the output)")
+    g.add_argument("-D", "--chdir", help="working directory of the job")
+    g.add_argument("--signal", default="USR1@120", metavar="SIG@SECONDS",
+                   help="warning signal sent to every rank SECONDS before the time limit "
+                        "(default USR1@120; 'none' for no warning)")
+    g.add_argument("--extra-sbatch", action="append", default=[], metavar="OPTION",
+                   help="an extra #SBATCH option, repeatable, e.g. --extra-sbatch=--gres=gpu:1")
+    g = p.add_argument_group("environment of the job")
+    g.add_argument("--module", action="append", default=[], metavar="NAME",
+                   help="`module load NAME` first (repeatable)")
+    g.add_argument("--venv", metavar="DIR", help="activate this virtualenv")
+    g.add_argument("--conda-env", metavar="NAME", help="activate this conda environment")
+    g.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="export a variable (repeatable)")
+    g.add_argument("--setup", action="append", default=[], metavar="LINE",
+                   help="a shell line to run before the launch (repeatable)")
+    g = p.add_argument_group("launch")
+    _add_launcher_options(g, sbatch=True)
+    g.add_argument("--template", default="mpimap.sbatch.j2", metavar="NAME|PATH",
+                   help="a Jinja2 template: one of mpimap's (slurm_templates/) or your own file")
+    g.add_argument("--dry-run", action="store_true", help="print the script, do not submit it")
+    g.add_argument("--wait", action="store_true",
+                   help="wait for the job to end and exit with its exit code")
+    g.add_argument("--wait-timeout", type=float, metavar="SECONDS",
+                   help="with --wait: give up after this long (exit 2)")
+    p.add_argument("script")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_sbatch)
     return parser
 
 
