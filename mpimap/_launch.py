@@ -37,7 +37,8 @@ from typing import Mapping, Sequence
 
 __all__ = [
     "CommandError", "LaunchError", "Launcher", "Library", "RunOptions", "build_argv",
-    "choose_launcher", "data_dir", "detect_library", "family_of", "find_program", "identify",
+    "choose_launcher", "data_dir", "detect_library", "family_of", "find_mpiexec", "find_program",
+    "identify",
     "load_launchers", "run",
 ]
 
@@ -367,6 +368,18 @@ def identify(program: str) -> str:
     except CommandError:
         return ""
     return (proc.stdout + proc.stderr).strip()
+
+
+def find_mpiexec(python: str = sys.executable) -> str | None:
+    """The mpiexec beside ``python`` (the `mpich` wheel installs it there), else on PATH.
+
+    A quick look-up for tests and tools; ``mpimap run`` itself uses find_program(), which also
+    checks that the mpiexec belongs to mpi4py's MPI library.
+    """
+    here = os.path.join(os.path.dirname(python), "mpiexec")
+    if os.access(here, os.X_OK):
+        return here
+    return shutil.which("mpiexec")
 
 
 def _candidates(launcher: Launcher, python: str, library: Library,
