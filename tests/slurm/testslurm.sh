@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A throw-away Slurm for mpimap's tests: Debian's slurm-wlm, two fake nodes on this one machine.
 #
-#   bash tests/slurm/testslurm.sh install   # as root: apt-get install the packages (idempotent)
+#   bash tests/slurm/testslurm.sh install   # as root: apt-get install the packages (idempotent;
+#                                           # slurm, munge, libpmix-dev and Open MPI, ~20 s)
 #   bash tests/slurm/testslurm.sh start     # bring the cluster up (a no-op if it is up); ~1 s
 #   bash tests/slurm/testslurm.sh status    # exit 0 if every daemon is alive and both nodes idle
 #   bash tests/slurm/testslurm.sh env       # print `export SLURM_CONF=...`: eval it to use sbatch etc.
@@ -13,8 +14,8 @@
 # Everything lives under one directory, $MPIMAP_TESTSLURM_DIR (default /tmp/mpimap-testslurm):
 # config, munge key and socket, daemon state, logs, and the per-node job scratch.  Daemons run in
 # the foreground (-D / -F) in their own session (setsid), so the pid this script records is the
-# daemon itself; `stop` signals those pids and the slurmstepd processes that carry this cluster's
-# marker in their environment -- nothing else on the machine.
+# daemon itself; `stop` signals those pids and the processes they forked (slurmscriptd,
+# slurmstepd), found by the marker this script puts in the daemons' environment -- nothing else.
 #
 # Shape (facts: ../shared/design/SLURM.md):
 #   nodes n1, n2   one `slurmd -N nX` each, NodeAddr=127.0.0.1, distinct ports, %n in their paths,
@@ -32,14 +33,28 @@ PORT=${MPIMAP_TESTSLURM_PORT:-16817}      # slurmctld; the nodes use PORT+1, POR
 CPUS=${MPIMAP_TESTSLURM_CPUS:-4}
 KILLWAIT=${MPIMAP_TESTSLURM_KILLWAIT:-10}
 NODES=(n1 n2)
-PACKAGES=(slurmctld slurmd slurm-client munge libpmix-dev)
+# libpmix-dev: `srun --mpi=pmix` dlopens the unversioned libpmix.so (must exist before slurmd
+# starts).  openmpi-bin: so the tests also cover Open MPI (mpirun, and srun --mpi=pmix).
+PACKAGES=(slurmctld slurmd slurm-client munge libpmix-dev openmpi-bin)
 MARK="MPIMAP_TESTSLURM_MARK=$DIR"          # in every daemon's environment, so stop finds its own
 
 die() { echo "testslurm: $*" >&2; exit 1; }
 
+for v in PORT CPUS KILLWAIT; do
+    [[ "${!v}" =~ ^[0-9]+$ ]] || die "MPIMAP_TESTSLURM_$v must be a whole number (got '${!v}')"
+done
+case "$DIR" in
+    /*) ;;
+    *) die "MPIMAP_TESTSLURM_DIR must be an absolute path (got '$DIR')" ;;
+esac
+case "$DIR" in
+    *[[:space:]]* | *'"'* | *"'"* | *'#'*) die "MPIMAP_TESTSLURM_DIR='$DIR': slurm.conf cannot hold" \
+        "spaces, quotes or # in paths; choose another directory" ;;
+esac
+
 need_binaries() {
     local missing=()
-    for b in munged slurmctld slurmd sbatch srun scontrol sinfo squeue scancel; do
+    for b in munged slurmctld slurmd sbatch srun salloc scontrol sinfo squeue scancel; do
         command -v "$b" >/dev/null 2>&1 || missing+=("$b")
     done
     if ((${#missing[@]})); then
@@ -90,7 +105,7 @@ ours() {
     local name=$1 pid
     pid=$(cat "$DIR/run/$name.pid" 2>/dev/null) || return 1
     pid_alive "$pid" || return 1
-    tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF "$MARK"
+    tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ" | grep -qxF "$MARK"
 }
 
 cmd_status() {
@@ -183,7 +198,8 @@ EOF
 # Start one daemon in the foreground in its own session; record its pid.
 launch() {
     local name=$1; shift
-    env "$MARK" setsid "$@" </dev/null >>"$DIR/log/$name.out" 2>&1 &
+    # 9>&-: the daemon must not inherit the start/stop lock (it would hold it forever).
+    env "$MARK" setsid "$@" </dev/null >>"$DIR/log/$name.out" 2>&1 9>&- &
     echo $! >"$DIR/run/$name.pid"
 }
 
@@ -201,7 +217,7 @@ cmd_start() {
     local t
     for t in $(seq 100); do [ -S "$DIR/munge/munge.socket.2" ] && break; sleep 0.05; done
     [ -S "$DIR/munge/munge.socket.2" ] || { tail "$DIR/log/munged.out" "$DIR/log/munged.log" >&2 || true
-        die "munged did not start (see $DIR/log/munged.*)"; }
+        start_failed "munged did not start"; }
     launch slurmctld slurmctld -D -i -f "$conf"
     local n
     for n in "${NODES[@]}"; do launch "slurmd-$n" slurmd -D -f "$conf" -N "$n"; done
@@ -211,21 +227,32 @@ cmd_start() {
         fi
         for d in munged slurmctld "${NODES[@]/#/slurmd-}"; do
             ours "$d" || { tail -20 "$DIR/log/$d.out" "$DIR"/log/"$d".log >&2 2>/dev/null || true
-                die "$d exited during start (logs in $DIR/log)"; }
+                start_failed "$d exited during start"; }
         done
         sleep 0.1
     done
     cmd_status >&2 || true
-    die "nodes did not become idle within 30 s (logs in $DIR/log)"
+    start_failed "nodes did not become idle within 30 s"
+}
+
+# A failed start stops what it started; the logs are kept beside the state directory.
+start_failed() {
+    local keep="$DIR.failed-logs"
+    rm -rf "$keep"; cp -r "$DIR/log" "$keep" 2>/dev/null || true
+    cmd_stop >/dev/null 2>&1 || true
+    die "$* (logs in $keep)"
 }
 
 cmd_env() { echo "export SLURM_CONF=$DIR/etc/slurm.conf"; }
 
-# Pids of slurmstepd processes that belong to this cluster (they inherit slurmd's environment).
-stepds() {
-    local p
-    for p in $(pgrep -x slurmstepd 2>/dev/null || true); do
-        tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qxF "$MARK" && echo "$p"
+# Pids of every process that carries this cluster's marker in its environment: the daemons and
+# what they forked (slurmscriptd, slurmstepd).  Job tasks get the job's environment, not this.
+marked() {
+    local f p
+    for f in /proc/[0-9]*/environ; do
+        p=${f#/proc/}; p=${p%/environ}
+        [ "$p" = "$$" ] && continue
+        tr '\0' '\n' 2>/dev/null <"$f" | grep -qxF "$MARK" && echo "$p"
     done
     return 0
 }
@@ -244,7 +271,7 @@ cmd_stop() {
     for d in "${NODES[@]/#/slurmd-}" slurmctld munged; do
         ours "$d" && pids+=("$(cat "$DIR/run/$d.pid")")
     done
-    for p in $(stepds); do pids+=("$p"); done
+    for p in $(marked); do [[ " ${pids[*]} " == *" $p "* ]] || pids+=("$p"); done
     ((${#pids[@]})) && kill -TERM "${pids[@]}" 2>/dev/null || true
     for t in $(seq 50); do
         local alive=()
@@ -252,13 +279,15 @@ cmd_stop() {
         ((${#alive[@]})) || break
         sleep 0.1
     done
-    for p in "${pids[@]}" $(stepds); do pid_alive "$p" && kill -KILL "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}" $(marked); do pid_alive "$p" && kill -KILL "$p" 2>/dev/null || true; done
     rm -rf "$DIR"
     echo "testslurm: stopped; removed $DIR"
 }
 
 # start/stop are serialised, so two test sessions never start two clusters in one directory.
+# (The pytest fixture holds the same lock itself and sets MPIMAP_TESTSLURM_LOCKED=1.)
 locked() {
+    if [ "${MPIMAP_TESTSLURM_LOCKED:-}" = 1 ]; then "$@"; return; fi
     mkdir -p "$(dirname "$DIR")"
     exec 9>"$DIR.lock"
     flock -w 120 9 || die "could not lock $DIR.lock within 120 s"
