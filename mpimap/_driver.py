@@ -365,6 +365,8 @@ class Engine:
             elif ev.frame.kind == RESULT:
                 self._on_result(ev.rank, ev.frame)
             elif ev.frame.kind == REPLY:
+                if ev.frame.meta.get("what") == "shutdown":
+                    self.workers[ev.rank].stopped = True  # its lifeline may close next
                 self.replies.append((ev.rank, ev.frame.meta))
 
     def _on_result(self, rank, frame):

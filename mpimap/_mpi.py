@@ -22,9 +22,11 @@ MPIMAP_POLL_MAX between polls.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import secrets
 import select
+import selectors
 import socket
 import struct
 import sys
@@ -45,12 +47,11 @@ _HELLO = struct.Struct("<i16s")
 
 
 def _empty(n: int):
-    """An uninitialised byte buffer: no page is touched before MPI writes it."""
+    """A byte buffer for a receive. Big ones are anonymous mappings: page-aligned, and no page is
+    touched (zeroed) before MPI writes it -- and no numpy import (~0.1 s) on the first one."""
     if n < (1 << 16):
         return bytearray(n)
-    import numpy as np
-
-    return np.empty(n, dtype=np.uint8)
+    return mmap.mmap(-1, n)
 
 
 def _pieces(view, limit):
@@ -135,7 +136,10 @@ class MPIHub(_Conn):
         self.session = session
         self.info = {r: i for r, i in session.info.items() if r != 0}
         self.socks = dict(session.lifelines)  # rank -> socket
-        self.by_fd = {s.fileno(): r for r, s in self.socks.items()}
+        self.selector = selectors.DefaultSelector()  # epoll: O(ready), not O(ranks)
+        for r, sock in self.socks.items():
+            sock.setblocking(False)
+            self.selector.register(sock, selectors.EVENT_READ, r)
         self.expected = {r: 0 for r in self.info}
         self.lost: set = set()
         self.closing: dict = {}  # rank -> (deadline, reason): lifeline closed, frames due
@@ -149,10 +153,7 @@ class MPIHub(_Conn):
     def _ring(self, rank: int) -> None:
         sock = self.socks.get(rank)
         if sock is not None:
-            try:
-                sock.send(b"\0")
-            except OSError:
-                pass  # a dead worker: poll() reports it through the closed lifeline
+            _ring(sock)
 
     def send(self, rank: int, frame) -> None:
         if rank in self.lost:
@@ -188,18 +189,17 @@ class MPIHub(_Conn):
             events.append(Event(rank, frame))
 
     def _read_lifelines(self, timeout, events) -> None:
-        if not self.socks:
-            if timeout:
-                time.sleep(timeout)
+        """Count doorbells and notice closed lifelines; waits up to ``timeout`` for one."""
+        if timeout != 0 and not self.socks:
+            time.sleep(timeout)
             return
-        try:
-            ready, _w, _x = select.select(list(self.socks.values()), [], [], timeout)
-        except InterruptedError:
-            return
-        for sock in ready:
-            rank = self.by_fd[sock.fileno()]
+        for key, _mask in self.selector.select(timeout):
+            sock = key.fileobj
+            rank = key.data
             try:
                 data = sock.recv(65536)
+            except BlockingIOError:
+                continue
             except OSError as exc:
                 data = b""
                 reason = f"its process ended: {exc.strerror or exc}"
@@ -213,7 +213,7 @@ class MPIHub(_Conn):
     def _mark_lost(self, rank, reason, events):
         sock = self.socks.pop(rank, None)
         if sock is not None:
-            del self.by_fd[sock.fileno()]
+            self.selector.unregister(sock)
             sock.close()
         if self.expected.get(rank, 0) > 0:
             # It rang for frames we have not received yet (TCP and MPI race): take them first.
@@ -234,7 +234,9 @@ class MPIHub(_Conn):
         """Frames and losses; waits up to ``timeout`` s (None: until there is something).
 
         ``spin``: poll MPI for up to this long first (yielding the core), because a wake-up from
-        ``select`` costs ~0.1 ms on a busy node; then sleep.
+        ``select`` costs ~0.1 ms on a busy node; then sleep. Doorbells are read on every pass so
+        a lifeline's buffer never fills, and no sleep lasts more than 1 s: a lost doorbell costs
+        at most that, never a hang.
         """
         now = time.monotonic()
         deadline = None if timeout is None else now + timeout
@@ -244,26 +246,24 @@ class MPIHub(_Conn):
         while True:
             self._progress_sends()
             self._drain(events)
-            if events:
-                return events
-            now = time.monotonic()
-            if now < spin_until and (deadline is None or now < deadline):
-                os.sched_yield()
-                continue
             self._read_lifelines(0, events)
             if self.closing:
                 self._check_closing(events)
             if events:
                 return events
-            left = None if deadline is None else deadline - time.monotonic()
+            now = time.monotonic()
+            left = None if deadline is None else deadline - now
             if left is not None and left <= 0:
                 return events
+            if now < spin_until:
+                os.sched_yield()
+                continue
             busy = self.pending or self.closing or self.no_lifeline - self.lost or \
                 any(n > 0 for r, n in self.expected.items() if r not in self.lost)
             if busy:
                 self.sleeper.sleep(left)
             else:
-                self._read_lifelines(left, events)
+                self._read_lifelines(min(left, 1.0) if left is not None else 1.0, events)
 
     def close(self) -> None:
         deadline = time.monotonic() + 5
@@ -299,11 +299,8 @@ class MPIEndpoint(_Conn):
     def send(self, frame) -> None:
         self.spin_next = True  # rank 0 usually answers a result within microseconds
         self._post(0, frame)
-        if self.sock is not None:
-            try:
-                self.sock.send(b"\0")
-            except OSError:
-                raise RankZeroGone() from None
+        if self.sock is not None and not _ring(self.sock):
+            raise RankZeroGone()
         self._progress_sends()
 
     def flush(self) -> None:
@@ -325,35 +322,39 @@ class MPIEndpoint(_Conn):
                 self.expected -= 1
                 self.spin_next = False
                 return self._receive(msg, self.status)[1]
+            self._read_lifeline(0)
             now = time.monotonic()
-            if now < spin_until and (deadline is None or now < deadline):
+            left = None if deadline is None else deadline - now
+            if left is not None and left <= 0:
+                return None
+            if now < spin_until:
                 os.sched_yield()
                 continue
             self.spin_next = False
-            self._read_lifeline(0)
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return None
             if self.pending or self.sock is None or self.expected > 0:
                 self.sleeper.sleep(left)
             else:
-                self._read_lifeline(left)
+                self._read_lifeline(min(left, 1.0) if left is not None else 1.0)
 
     def _read_lifeline(self, timeout):
         if self.sock is None:
             return
-        try:
-            ready, _w, _x = select.select([self.sock], [], [], timeout)
-        except InterruptedError:
-            return
-        if ready:
+        if timeout:
             try:
-                data = self.sock.recv(65536)
-            except OSError:
-                data = b""
-            if not data:
-                raise RankZeroGone()
-            self.expected += len(data)
+                ready, _w, _x = select.select([self.sock], [], [], timeout)
+            except InterruptedError:
+                return
+            if not ready:
+                return
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            raise RankZeroGone()
+        self.expected += len(data)
 
 
 class Session:
@@ -474,6 +475,7 @@ class Session:
             if sock is not None:
                 if self.rank in ok:
                     _nodelay(sock)
+                    sock.setblocking(False)
                     self.lifelines[0] = sock
                 else:
                     sock.close()
@@ -492,6 +494,18 @@ class Session:
                 self.comm.Free()
             except MPI.Exception:
                 pass
+
+
+def _ring(sock) -> bool:
+    """One doorbell byte; False if the peer is gone. Never blocks: if the peer has let its
+    buffer fill it is awake and reading anyway (and nobody sleeps more than 1 s)."""
+    try:
+        sock.send(b"\0")
+    except BlockingIOError:
+        pass
+    except OSError:
+        return False
+    return True
 
 
 def _nodelay(sock):

@@ -6,7 +6,14 @@ Automatic chunk size (``chunksize=None``), for ``R`` items left and ``P`` worker
                max(MIN_SECONDS / t_item,           # never less than ~0.2 ms of work: below that
                                                    #   a round trip costs more than it saves
                    min(ceil(R / (2P)),             # guided self-scheduling: the tail stays short
-                       CHUNK_SECONDS / t_item)))   # ~20 ms of work: overhead stays small
+                       T / t_item)))               # about T of work per chunk
+
+    T = max(CHUNK_SECONDS, P * RANK0_SECONDS)      # 5 ms, or more with many workers, so rank 0
+                                                   #   (~0.1-0.2 ms per chunk) stays under ~40 %
+                                                   #   busy handing them out
+
+Small chunks matter for skewed work: a long task delays every item queued behind it in its chunk,
+and two long tasks in one chunk at the end of a map double the tail.
 
 ``t_item`` is the compute time per item measured by the workers (the median over the last chunks,
 so neither a slow first call nor one huge item swings it) and ``b_item`` the pickled bytes per item.
@@ -17,9 +24,10 @@ function ran before, its last measured ``t_item`` decides one thing up front: a 
 expected to take less than MIN_SECONDS goes to one worker as one chunk (a warm pool's small maps,
 emcee's steps with cheap likelihoods, cost one round trip).
 
-A worker holds up to PREFETCH chunks while a chunk is expected to last less than half the target
-(tiny tasks: the next chunk is already there when one finishes), and one chunk otherwise (long
-tasks: nothing waits behind a slow one on a busy worker).
+A worker holds up to PREFETCH chunks while a chunk is expected to last at most 2T (the next chunk
+is already there when one finishes, so no round trip is idle time; what can wait behind a slow
+task is at most one short chunk), and one chunk otherwise (long tasks: nothing waits behind a
+slow one on a busy worker).
 """
 
 from __future__ import annotations
@@ -34,18 +42,19 @@ __all__ = ["ChunkPlanner", "ItemSource"]
 
 CHUNK_BYTES = 32 << 20
 MIN_SECONDS = 2e-4
+RANK0_SECONDS = 5e-4  # budget of rank-0 time per chunk, per worker (sets T for big pools)
 UNKNOWN_LENGTH_MAX = 8192  # items per chunk when the input length is unknown (bounds read-ahead)
 
 
 class ChunkPlanner:
     def __init__(self, nworkers: int, chunksize: int | None = None, *,
-                 target_seconds: float = 0.02, prefetch: int = 2,
+                 target_seconds: float = 0.005, prefetch: int = 2,
                  history: float | None = None):
         if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
             raise ValueError(f"chunksize must be a positive int or None, not {chunksize!r}")
         self.nworkers = max(1, nworkers)
         self.fixed = chunksize
-        self.target = target_seconds
+        self.target = max(target_seconds, self.nworkers * RANK0_SECONDS)
         self.prefetch = prefetch
         self.history = history
         self.recent: deque = deque(maxlen=16)
@@ -102,7 +111,7 @@ class ChunkPlanner:
         per_item = self.per_item
         if per_item is None:
             return 1
-        return self.prefetch if per_item * self.size(None) < self.target / 2 else 1
+        return self.prefetch if per_item * self.size(None) <= 2 * self.target else 1
 
 
 class ItemSource:

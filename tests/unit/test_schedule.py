@@ -82,3 +82,8 @@ def test_several_iterables_zip_to_the_shortest():
     assert src.take(10) == [(1, "a"), (2, "b")]
     mixed = ItemSource((iter([1, 2, 3]), [4, 5]))
     assert mixed.take(10) == [(1, 4), (2, 5)]
+
+
+def test_target_grows_with_the_pool_so_rank0_keeps_up():
+    assert ChunkPlanner(2).target == 0.005
+    assert ChunkPlanner(256).target > 0.1  # 256 workers: fewer, longer chunks
