@@ -38,7 +38,7 @@ from typing import Mapping, Sequence
 __all__ = [
     "CommandError", "LaunchError", "Launcher", "Library", "RunOptions", "build_argv",
     "choose_launcher", "data_dir", "detect_library", "family_of", "find_mpiexec", "find_program",
-    "identify",
+    "identify", "mpiexec_name",
     "load_launchers", "run",
 ]
 
@@ -127,7 +127,8 @@ class Launcher:
     command: str
     status: str
     forwarded: tuple[str, ...]
-    sbatch_prefix: str
+    warning_route: str          # 'batch' (#SBATCH --signal=B:...) or 'step' (--signal=...)
+    warning: str                # the default warning signal
     pmi: Mapping[str, str]
     rank_death: str
     source: str
@@ -135,6 +136,11 @@ class Launcher:
     @property
     def is_srun(self) -> bool:
         return self.name == "srun"
+
+    @property
+    def sbatch_prefix(self) -> str:
+        """What goes before the signal in ``#SBATCH --signal=``."""
+        return "B:" if self.warning_route == "batch" else ""
 
 
 def parse_launcher(text: str, source: str = "<string>") -> Launcher:
@@ -152,7 +158,8 @@ def parse_launcher(text: str, source: str = "<string>") -> Launcher:
             command=" ".join(main["command"].split()),
             status=main.get("status", "launcher").strip(),
             forwarded=tuple(s.upper() for s in sig["forwarded"].split()),
-            sbatch_prefix=sig.get("sbatch_prefix", "").strip(),
+            warning_route=sig["warning_route"].strip(),
+            warning=sig["warning"].strip().upper(),
             pmi=dict(cp["pmi"]) if cp.has_section("pmi") else {},
             rank_death=" ".join(cp.get("notes", "rank_death", fallback="").split()),
             source=source,
@@ -161,6 +168,10 @@ def parse_launcher(text: str, source: str = "<string>") -> Launcher:
         raise LaunchError(f"launcher file {source} lacks {exc}") from None
     if launcher.status not in ("launcher", "rank0-file"):
         raise LaunchError(f"launcher file {source}: status must be 'launcher' or 'rank0-file'")
+    if launcher.warning_route not in ("batch", "step"):
+        raise LaunchError(f"launcher file {source}: warning_route must be 'batch' or 'step'")
+    if launcher.warning_route == "batch" and launcher.warning not in launcher.forwarded:
+        raise LaunchError(f"launcher file {source}: the warning signal must be forwarded")
     return launcher
 
 
@@ -313,6 +324,12 @@ def _mismatch_text(launcher: Launcher, library: Library, program: str | None) ->
             f"one process running the whole script. Use the launcher that came with that MPI "
             f"library (drop --launcher/--mpiexec and let mpimap pick), or make mpi4py load the "
             f"other library (e.g. MPI4PY_LIBMPI=/path/to/libmpi.so).")
+
+
+def mpiexec_name(library: Library, launchers: Mapping[str, Launcher] | None = None) -> str:
+    """The name of the mpiexec launcher for ``library`` ('hydra', 'openmpi')."""
+    launchers = load_launchers() if launchers is None else launchers
+    return choose_launcher("mpiexec", {}, library, launchers).name
 
 
 def srun_pmi(launcher: Launcher, library: Library) -> str:

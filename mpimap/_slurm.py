@@ -63,7 +63,7 @@ class SbatchOptions:
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     setup: Sequence[str] = ()            # shell lines run before the launch, verbatim
     extra_sbatch: Sequence[str] = ()     # extra #SBATCH options, e.g. "--gres=gpu:1"
-    signal: str | None = "USR1@120"      # the warning: SIGNAL@SECONDS before the limit; None: none
+    signal: str | None = None            # the warning: [SIG@]SECONDS before the limit; None: none
     launcher: str = "srun"               # srun | mpiexec (| hydra | openmpi)
     launcher_args: Sequence[str] = ()
     python: str = sys.executable         # with venv/conda: "python" of that environment
@@ -136,17 +136,22 @@ def time_seconds(text: str) -> int | None:
     return ((days * 24 + h) * 60 + mi) * 60 + s
 
 
-def parse_signal(spec: str | None) -> tuple[str, int] | None:
-    """'USR1@120' -> ('USR1', 120); 'SIGUSR1' and '@' default to 120 s; None/'none' -> None."""
+def parse_signal(spec: str | None, default_signal: str) -> tuple[str, int] | None:
+    """'USR1@120' -> ('USR1', 120); '120' or '@120' -> (default_signal, 120); 'USR1' -> 120 s;
+    None / 'none' -> None (no warning)."""
     if spec is None or str(spec).strip().lower() in ("", "none", "off", "no"):
         return None
-    name, _, when = str(spec).strip().partition("@")
-    name = name.upper().removeprefix("SIG")
+    text = str(spec).strip()
+    if text.isdigit():
+        text = "@" + text
+    name, _, when = text.partition("@")
+    name = name.upper().removeprefix("SIG") or default_signal
     if name.startswith("B:"):
         raise LaunchError(f"--signal {spec!r}: leave out 'B:'; mpimap adds it when the launcher "
                           f"needs it")
     if name not in _SIGNALS:
-        raise LaunchError(f"--signal {spec!r}: unknown signal {name!r} (e.g. USR1@120)")
+        raise LaunchError(f"--signal {spec!r}: unknown signal {name!r} (write SIG@SECONDS, "
+                          f"e.g. USR1@120, or just SECONDS)")
     try:
         seconds = int(when) if when else 120
     except ValueError:
@@ -168,19 +173,6 @@ def _positive(name, value):
     return number
 
 
-def _signal_plan(launcher: str, launchers) -> tuple[tuple[str, ...], str]:
-    """Signals that reach every rank through ``launcher``, and the --signal prefix it needs."""
-    if launcher == "mpiexec":   # decided on the compute node: allow what every mpiexec forwards
-        chosen = [l for l in launchers.values() if not l.is_srun]
-        forwarded = set.intersection(*(set(l.forwarded) for l in chosen))
-        prefixes = {l.sbatch_prefix for l in chosen}
-        if len(prefixes) != 1:
-            raise LaunchError("launchers/*.ini disagree on the sbatch signal prefix")
-        return tuple(sorted(forwarded)), prefixes.pop()
-    spec = launchers[launcher]
-    return spec.forwarded, spec.sbatch_prefix
-
-
 def context(opts: SbatchOptions, launchers=None) -> dict:
     """The template's variables. Every one is always present (None or empty when unset)."""
     from . import __version__
@@ -193,15 +185,19 @@ def context(opts: SbatchOptions, launchers=None) -> dict:
         raise LaunchError("give --venv or --conda-env, not both")
     job_name = opts.job_name or os.path.splitext(os.path.basename(opts.script))[0] or "mpimap"
     limit = time_seconds(opts.time) if opts.time else None
-    signal = parse_signal(opts.signal)
-    forwarded, prefix = _signal_plan(opts.launcher, launchers)
-    if signal is not None:
-        if signal[0] not in forwarded:
+    signal, prefix = None, ""
+    if opts.signal is not None and str(opts.signal).strip().lower() not in ("", "none"):
+        if opts.launcher == "mpiexec":
+            raise LaunchError("with --signal, name the mpiexec: --launcher hydra (MPICH) or "
+                              "--launcher openmpi; they forward different signals")
+        spec = launchers[opts.launcher]
+        signal = parse_signal(opts.signal, spec.warning)
+        prefix = spec.sbatch_prefix
+        if spec.warning_route == "batch" and signal[0] not in spec.forwarded:
             raise LaunchError(
-                f"--signal {signal[0]}: the {opts.launcher} launcher does not pass SIG"
-                f"{signal[0]} on to the ranks (it forwards {', '.join(forwarded)}); "
-                f"use --signal {'USR1' if 'USR1' in forwarded else forwarded[0]}@{signal[1]}, "
-                f"or --signal none")
+                f"--signal {opts.signal}: {spec.title} does not pass SIG{signal[0]} on to every "
+                f"rank (it forwards {', '.join(spec.forwarded)}); use --signal "
+                f"{spec.warning}@{signal[1]}, or --launcher srun (any signal)")
         if limit is not None and signal[1] >= limit:
             raise LaunchError(f"--signal {opts.signal}: {signal[1]} s before a time limit of "
                               f"{limit} s is before the job starts; warn fewer seconds ahead")

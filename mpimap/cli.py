@@ -63,9 +63,14 @@ def _sbatch(args) -> int:
     from . import _launch, _slurm
 
     script = os.path.abspath(args.script)
+    python = args.python or sys.executable
     try:
         if not os.path.isfile(script):
             raise _launch.LaunchError(f"cannot find the script {args.script!r}")
+        launcher = args.launcher
+        if launcher == "mpiexec" and args.signal:
+            # hydra and Open MPI forward different signals: say which one the job will use
+            launcher = _launch.mpiexec_name(_launch.detect_library(python))
         opts = _slurm.SbatchOptions(
             script=script, args=args.args, job_name=args.job_name, nodes=args.nodes,
             ntasks=args.ntasks, ntasks_per_node=args.ntasks_per_node,
@@ -73,8 +78,8 @@ def _sbatch(args) -> int:
             account=args.account, mem=args.mem, output=args.output, error=args.error,
             chdir=args.chdir, modules=args.module, venv=args.venv, conda_env=args.conda_env,
             env=_env_pairs(args.env), setup=args.setup, extra_sbatch=args.extra_sbatch,
-            signal=args.signal, launcher=args.launcher, launcher_args=args.launcher_arg,
-            python=args.python or sys.executable, template=args.template)
+            signal=args.signal, launcher=launcher, launcher_args=args.launcher_arg,
+            python=python, template=args.template)
         text = _slurm.render(opts)
         if args.dry_run:
             sys.stdout.write(text)
@@ -160,9 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
                                           "JOBNAME-%%j.out; write %%%% for a literal %%)")
     g.add_argument("-e", "--error", help="filename pattern for stderr (default: the output)")
     g.add_argument("-D", "--chdir", help="working directory of the job")
-    g.add_argument("--signal", default="USR1@120", metavar="SIG@SECONDS",
-                   help="warning signal sent to every rank SECONDS before the time limit "
-                        "(default USR1@120; 'none' for no warning)")
+    g.add_argument("--signal", metavar="[SIG@]SECONDS",
+                   help="send every rank SIG this many seconds before the time limit (a warning "
+                        "for scripts that handle it; default none). SIG defaults to the "
+                        "launcher's (USR1; INT for hydra's mpiexec)")
     g.add_argument("--extra-sbatch", action="append", default=[], metavar="OPTION",
                    help="an extra #SBATCH option, repeatable, e.g. --extra-sbatch=--gres=gpu:1")
     g = p.add_argument_group("environment of the job")

@@ -180,14 +180,15 @@ LAUNCH_CASES = [
 ]
 
 
-def _signal_directive(slurm, tmp_path, launcher, env, script_args):
-    dry = slurm.mpimap("sbatch", "--dry-run", "--launcher", launcher, "--signal", "USR1@90",
-                       "--time", "10", *script_args, env=env, cwd=tmp_path)
+def _signal_directive(slurm, tmp_path, launcher, env):
+    """The template's warning for this launcher: (signal name, sent to the batch shell?)."""
+    dry = slurm.mpimap("sbatch", "--dry-run", "--launcher", launcher, "--signal", "90",
+                       "--time", "10", str(SCRIPTS / "signals.py"), env=env, cwd=tmp_path)
     assert dry.rc == 0, dry
-    m = re.search(r"^#SBATCH --signal=(B:)?USR1@90$", dry.out, re.M)
+    m = re.search(r"^#SBATCH --signal=(B:)?([A-Z0-9]+)@90$", dry.out, re.M)
     assert m, dry.out
-    assert re.search(r"^exec .* -m mpimap\.cli run --launcher " + launcher, dry.out, re.M)
-    return bool(m.group(1))
+    assert re.search(r"^exec .* -m mpimap\.cli run --launcher ", dry.out, re.M), dry.out
+    return m.group(2), bool(m.group(1))
 
 
 def _wait_for(path: Path, timeout: float, slurm, job_id):
@@ -205,16 +206,22 @@ def _wait_for(path: Path, timeout: float, slurm, job_id):
 
 @pytest.mark.parametrize("launcher,env", LAUNCH_CASES)
 def test_warning_signal_reaches_every_rank(slurm, tmp_path, markdir, launcher, env):
-    script_args = [str(SCRIPTS / "signals.py"), str(markdir), "3"]
-    to_batch_shell = _signal_directive(slurm, tmp_path, launcher, env, script_args)
-    res = slurm.mpimap("sbatch", "--launcher", launcher, "--signal", "USR1@90", "--time", "10",
+    sig, to_batch_shell = _signal_directive(slurm, tmp_path, launcher, env)
+    # mpiexec: hydra forwards TERM/INT (its USR1 is MPICH's failure notice); Open MPI USR1/USR2
+    assert (sig, to_batch_shell) == {("srun", False): ("USR1", False),
+                                     ("mpiexec", False): ("INT", True),
+                                     ("srun", True): ("USR1", False),
+                                     ("mpiexec", True): ("USR1", True)}[launcher, bool(env)]
+    res = slurm.mpimap("sbatch", "--launcher", launcher, "--signal", "90", "--time", "10",
                        "--nodes", "2", "--ntasks", "3", "--output",
-                       str(tmp_path / "job-%j.out"), *script_args, env=env, cwd=tmp_path)
+                       str(tmp_path / "job-%j.out"), str(SCRIPTS / "signals.py"), str(markdir),
+                       "3", sig, env=env, cwd=tmp_path)
     assert res.rc == 0, res
     job_id = res.out.split()[0]
     _wait_for(markdir / "ready", 60, slurm, job_id)
-    # What Slurm does at time limit minus 90 s, now: B: -> the batch shell (the exec'd launcher)
-    slurm.cancel(job_id, "--signal=USR1", *(["--batch"] if to_batch_shell else []))
+    # What Slurm does at the time limit minus 90 s, now: with B: only the batch shell (the
+    # exec'd launcher) gets it; without, every task of the job's steps.
+    slurm.cancel(job_id, f"--signal={sig}", *(["--batch"] if to_batch_shell else []))
     fields = slurm.wait_job(job_id, timeout=90)
     text = _output(fields)
     assert fields["JobState"] == "COMPLETED", f"{fields}\n{text}"
@@ -223,7 +230,7 @@ def test_warning_signal_reaches_every_rank(slurm, tmp_path, markdir, launcher, e
     nodes = {m.split(".")[2] for m in markers}
     assert ranks == {"rank0", "rank1", "rank2"}, (markers, text)
     assert nodes == {"n1", "n2"}, (markers, text)
-    assert all((markdir / m).read_text() == "SIGUSR1" for m in markers)
+    assert all((markdir / m).read_text() == f"SIG{sig}" for m in markers)
 
 
 @pytest.mark.parametrize("launcher", ["srun", "mpiexec"])
