@@ -67,7 +67,7 @@ def _choice(*choices):
 KNOBS = {
     k.name: k
     for k in [
-        Knob("MPIMAP_CHUNK_SECONDS", 0.005, _positive(float),
+        Knob("MPIMAP_CHUNK_SECONDS", 0.01, _positive(float),
              "least target seconds of work per automatic chunk (overhead vs. tail length)"),
         Knob("MPIMAP_PREFETCH", 2, _positive(int),
              "chunks queued per worker while chunks are short, so no worker waits for rank 0"),

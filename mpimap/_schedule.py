@@ -5,10 +5,10 @@ Automatic chunk size (``chunksize=None``), for ``R`` items left and ``P`` worker
     size = min(CHUNK_BYTES / b_item,               # a bounded message
                max(MIN_SECONDS / t_item,           # never less than ~0.2 ms of work: below that
                                                    #   a round trip costs more than it saves
-                   min(ceil(R / (2P)),             # guided self-scheduling: the tail stays short
+                   min(ceil(R / (4P)),             # guided self-scheduling: the tail stays short
                        T / t_item)))               # about T of work per chunk
 
-    T = max(CHUNK_SECONDS, P * RANK0_SECONDS)      # 5 ms, or more with many workers, so rank 0
+    T = max(CHUNK_SECONDS, P * RANK0_SECONDS)      # 10 ms, or more with many workers, so rank 0
                                                    #   (~0.1-0.2 ms per chunk) stays under ~40 %
                                                    #   busy handing them out
 
@@ -48,7 +48,7 @@ UNKNOWN_LENGTH_MAX = 8192  # items per chunk when the input length is unknown (b
 
 class ChunkPlanner:
     def __init__(self, nworkers: int, chunksize: int | None = None, *,
-                 target_seconds: float = 0.005, prefetch: int = 2,
+                 target_seconds: float = 0.01, prefetch: int = 2,
                  history: float | None = None):
         if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
             raise ValueError(f"chunksize must be a positive int or None, not {chunksize!r}")
@@ -94,7 +94,7 @@ class ChunkPlanner:
                 per_item = max(per_item, 1e-9)
                 size = int(self.target / per_item)
                 if remaining is not None:
-                    size = min(size, math.ceil(remaining / (2 * self.nworkers)))
+                    size = min(size, math.ceil(remaining / (4 * self.nworkers)))
                 size = max(size, math.ceil(MIN_SECONDS / per_item))
                 if self.items_sized:
                     size = min(size, int(CHUNK_BYTES * self.items_sized / max(self.nbytes, 1)))

@@ -158,3 +158,24 @@ def test_mpimap_run_dry_run_prints_the_launcher_command(run_mpi):
                           "exitcode.py", "0"], capture_output=True, text=True,
                          cwd=str(__import__("conftest").SCRIPTS)).stdout
     assert "-n 3" in out and "-m mpimap" in out and "exitcode.py 0" in out
+
+
+EXAMPLES = __import__("conftest").ROOT / "examples"
+
+
+def test_quickstart_example_serial_and_parallel_agree(run_mpi):
+    serial = run_mpi(1, str(EXAMPLES / "quickstart.py"), mode="serial", timeout=120)
+    parallel = run_mpi(3, str(EXAMPLES / "quickstart.py"), mode="run", timeout=120)
+    assert serial.rc == 0 and parallel.rc == 0, (serial, parallel)
+    tail = lambda r: r.out.strip().splitlines()[-1].split("; ", 1)[1]  # noqa: E731
+    assert tail(serial) == tail(parallel)
+
+
+@pytest.mark.parametrize("example, module", [("emcee_pool.py", "emcee"),
+                                             ("scipy_de.py", "scipy")])
+def test_pool_works_as_emcee_pool_and_scipy_workers(run_mpi, example, module):
+    pytest.importorskip(module)
+    serial = run_mpi(1, str(EXAMPLES / example), mode="serial", timeout=180)
+    parallel = run_mpi(3, str(EXAMPLES / example), mode="run", timeout=180)
+    assert serial.rc == 0 and parallel.rc == 0, (serial, parallel)
+    assert serial.out == parallel.out  # deterministic: same chain / same optimum
