@@ -406,16 +406,14 @@ def _candidates(launcher: Launcher, python: str, library: Library,
     dirs = [os.path.dirname(python)]
     if library.prefix:
         dirs.append(os.path.join(library.prefix, "bin"))
+    path_dirs = [d for d in environ.get("PATH", os.defpath).split(os.pathsep) if d]
     out: list[str] = []
-    for d in dirs:
+    for group in (dirs, path_dirs):   # every PATH entry: the first mpiexec may be the wrong one
         for name in launcher.programs:
-            path = os.path.join(d, name)
-            if os.path.isfile(path) and os.access(path, os.X_OK) and path not in out:
-                out.append(path)
-    for name in launcher.programs:
-        found = shutil.which(name, path=environ.get("PATH", os.defpath))
-        if found and found not in out:
-            out.append(found)
+            for d in group:
+                path = os.path.join(d, name)
+                if os.path.isfile(path) and os.access(path, os.X_OK) and path not in out:
+                    out.append(path)
     return out
 
 
