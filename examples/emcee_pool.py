@@ -24,8 +24,9 @@ def log_prob(theta):
 if __name__ == "__main__":
     nwalkers, ndim = 16, 3
     p0 = rng.normal(size=(nwalkers, ndim))
+    np.random.seed(1)  # emcee draws its moves from numpy's global RandomState
     with mpimap.Pool() as pool:
         sampler = emcee.EnsembleSampler(nwalkers, ndim, log_prob, pool=pool)
         sampler.run_mcmc(p0, 300, progress=False)
     mean = sampler.get_chain(discard=100, flat=True).mean(axis=0)
-    print("posterior mean", np.round(mean, 2), "true", true_mu)
+    print("posterior mean", np.round(mean, 6), "true", true_mu)

@@ -55,8 +55,8 @@ def test_exception_on_rank0_while_a_worker_is_busy_still_ends_promptly(run_mpi):
 def test_collective_mode_every_rank_calls_pmap(run_mpi):
     res = run_mpi(3, "collective.py", mode="plain")
     assert res.rc == 0, res
-    rows = {r["rank"]: r for r in (json.loads(line) for line in res.out.splitlines()
-                                   if line.startswith("{"))}
+    line = next(x for x in res.out.splitlines() if x.startswith("["))
+    rows = {r["rank"]: r for r in json.loads(line)}
     assert sorted(rows) == [0, 1, 2], res
     assert rows[0] == {"rank": 0, "pmap": [x * 5 for x in range(10)], "pool": [2, 3, 4, 5, 6],
                        "imap": [1, 2, 3], "root": True}

@@ -1,6 +1,5 @@
 """Run with plain `mpiexec -n N python collective.py`: every rank calls the maps."""
 import json
-import os
 
 from mpi4py import MPI
 
@@ -12,6 +11,7 @@ res = mpimap.pmap(lambda x: x * data["scale"], range(10))
 with mpimap.Pool(common=2) as pool:
     pres = pool.map(lambda x, c: x + c, range(5))
 it = list(mpimap.imap(abs, [-1, -2, -3]))
-MPI.COMM_WORLD.Barrier()  # every rank came back from the maps
-print(json.dumps({"rank": rank, "pmap": res, "pool": pres, "imap": it,
-                  "root": mpimap.is_root()}), flush=True)
+mine = {"rank": rank, "pmap": res, "pool": pres, "imap": it, "root": mpimap.is_root()}
+rows = MPI.COMM_WORLD.gather(mine)  # every rank came back from the maps
+if rank == 0:
+    print(json.dumps(rows), flush=True)
