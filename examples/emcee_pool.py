@@ -10,7 +10,7 @@ import mpimap
 try:
     import emcee
 except ImportError:  # pragma: no cover
-    raise SystemExit("this example needs emcee: pip install emcee")
+    raise SystemExit("this example needs emcee: pip install emcee") from None
 
 rng = np.random.default_rng(0)
 true_mu = np.array([1.0, -2.0, 0.5])

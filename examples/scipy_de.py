@@ -10,7 +10,7 @@ import mpimap
 try:
     from scipy.optimize import differential_evolution, rosen
 except ImportError:  # pragma: no cover
-    raise SystemExit("this example needs scipy: pip install scipy")
+    raise SystemExit("this example needs scipy: pip install scipy") from None
 
 if __name__ == "__main__":
     with mpimap.Pool() as pool:
