@@ -1,7 +1,6 @@
 """Everything a scientist's script sends across ranks; prints one JSON line on rank 0."""
 import json
 
-
 import numpy as np
 
 import mpimap
