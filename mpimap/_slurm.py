@@ -2,7 +2,8 @@
 
     SbatchOptions --context()--> dict --template (slurm_templates/*.j2, StrictUndefined)--> text
         --dry-run: print it        else: _call(["sbatch", "--parsable"], input=text) -> job id
-        --wait: poll `scontrol show job -o ID` until the job ends; exit with its exit code
+        --wait: poll `scontrol show job -o ID` until the job ends (wait_for_job); exit with its
+        exit code
 
 Rendering is a pure function of the options (checked against tests/golden/). Values go into
 two different languages, each with its own quoting:
@@ -29,9 +30,10 @@ import sys
 import time
 from typing import Mapping, Sequence
 
-from ._launch import CommandError, LaunchError, _call, data_dir, load_launchers
+from ._launch import (CommandError, LaunchError, _call, data_dir, detect_library, load_launchers,
+                      mpiexec_name)
 
-__all__ = ["SbatchOptions", "context", "job_state", "render", "submit", "wait"]
+__all__ = ["SbatchOptions", "context", "job_state", "render", "sbatch", "submit", "wait_for_job"]
 
 DEFAULT_TEMPLATE = "mpimap.sbatch.j2"
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
@@ -345,7 +347,7 @@ def job_state(job_id: str, scontrol: str = "scontrol") -> dict[str, str]:
     return parse_show_job(proc.stdout)
 
 
-def wait(job_id: str, timeout: float | None = None, scontrol: str = "scontrol",
+def wait_for_job(job_id: str, timeout: float | None = None, scontrol: str = "scontrol",
          poll: float = 0.25, poll_max: float = 5.0) -> dict[str, str]:
     """Poll until the job reaches a final state; its ``scontrol show job`` fields.
 
@@ -370,3 +372,31 @@ def wait(job_id: str, timeout: float | None = None, scontrol: str = "scontrol",
             raise LaunchError(f"job {job_id} still {state or 'unknown'} after {timeout} s")
         time.sleep(delay)
         delay = min(poll_max, delay * 1.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# mpimap sbatch
+
+def sbatch(opts: SbatchOptions, *, dry_run: bool = False, wait: bool = False,
+           wait_timeout: float | None = None, out=None, err=None) -> int:
+    """Render; print (dry run) or submit and print the job id; with ``wait``, wait and return
+    the job's exit status."""
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    if not os.path.isfile(opts.script):
+        raise LaunchError(f"cannot find the script {opts.script!r}")
+    if opts.launcher == "mpiexec" and opts.signal:
+        # hydra and Open MPI forward different signals: name the one the job will use
+        opts = dataclasses.replace(opts, launcher=mpiexec_name(detect_library(opts.python)))
+    text = render(opts)
+    if dry_run:
+        out.write(text)
+        return 0
+    job_id = submit(text)
+    print(job_id, file=out, flush=True)
+    if not wait:
+        return 0
+    fields = wait_for_job(job_id, timeout=wait_timeout)
+    print(f"mpimap sbatch: job {job_id} ended {fields.get('JobState')} (ExitCode "
+          f"{fields.get('ExitCode')}); output: {fields.get('StdOut', '?')}", file=err)
+    return exit_status(fields)

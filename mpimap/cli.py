@@ -62,38 +62,18 @@ def _env_pairs(items):
 def _sbatch(args) -> int:
     from . import _launch, _slurm
 
-    script = os.path.abspath(args.script)
-    python = args.python or sys.executable
     try:
-        if not os.path.isfile(script):
-            raise _launch.LaunchError(f"cannot find the script {args.script!r}")
-        launcher = args.launcher
-        if launcher == "mpiexec" and args.signal:
-            # hydra and Open MPI forward different signals: say which one the job will use
-            launcher = _launch.mpiexec_name(_launch.detect_library(python))
         opts = _slurm.SbatchOptions(
-            script=script, args=args.args, job_name=args.job_name, nodes=args.nodes,
-            ntasks=args.ntasks, ntasks_per_node=args.ntasks_per_node,
+            script=os.path.abspath(args.script), args=args.args, job_name=args.job_name,
+            nodes=args.nodes, ntasks=args.ntasks, ntasks_per_node=args.ntasks_per_node,
             cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition,
             account=args.account, mem=args.mem, output=args.output, error=args.error,
             chdir=args.chdir, modules=args.module, venv=args.venv, conda_env=args.conda_env,
             env=_env_pairs(args.env), setup=args.setup, extra_sbatch=args.extra_sbatch,
-            signal=args.signal, launcher=launcher, launcher_args=args.launcher_arg,
-            python=python, template=args.template)
-        text = _slurm.render(opts)
-        if args.dry_run:
-            sys.stdout.write(text)
-            return 0
-        job_id = _slurm.submit(text)
-        print(job_id, flush=True)
-        if not args.wait:
-            return 0
-        fields = _slurm.wait(job_id, timeout=args.wait_timeout)
-        code = _slurm.exit_status(fields)
-        print(f"mpimap sbatch: job {job_id} ended {fields.get('JobState')} (ExitCode "
-              f"{fields.get('ExitCode')}); output: {fields.get('StdOut', '?')}",
-              file=sys.stderr)
-        return code
+            signal=args.signal, launcher=args.launcher, launcher_args=args.launcher_arg,
+            python=args.python or sys.executable, template=args.template)
+        return _slurm.sbatch(opts, dry_run=args.dry_run, wait=args.wait,
+                             wait_timeout=args.wait_timeout)
     except (_launch.LaunchError, ValueError) as exc:
         return _fail("sbatch", exc)
 

@@ -76,7 +76,8 @@ def test_run_inside_an_allocation_uses_srun_with_pmi2(slurm, tmp_path):
                      str(out)], timeout=60)
     assert dry.rc == 0, dry
     line = dry.out.strip().splitlines()[-1]
-    assert re.search(r"/srun --mpi=pmi2 --kill-on-bad-exit=0 .* -m mpimap .*where\.py 6 ", line), dry
+    assert re.search(r"/srun --mpi=pmi2 --kill-on-bad-exit=0 .* -m mpimap .*where\.py 6 ",
+                     line), dry
     assert " -n " not in line, dry   # every task of the allocation
     res = slurm.run(["salloc", "--nodes", "2", "--ntasks", "3", "--time", "2", sys.executable,
                      "-m", "mpimap.cli", "run", str(SCRIPTS / "where.py"), "12", str(out)],
