@@ -16,6 +16,10 @@ def on_term(signum, _frame):
     rank = os.environ.get("PMI_RANK") or os.environ.get("PMIX_RANK") or \
         os.environ.get("SLURM_PROCID") or "x"
     open(os.path.join(MARKDIR, f"term.rank{rank}.{os.getpid()}"), "w").close()
+    if rank == "0":
+        # Let the other ranks' SIGTERM arrive first (each node's slurmstepd sends its own);
+        # otherwise they may see rank 0 gone and stop before their handler runs.
+        time.sleep(1.0)
     os._exit(0)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from _slurmtest import OPENMPI_ENV, SCRIPTS, have_openmpi
+from ._slurmtest import OPENMPI_ENV, SCRIPTS, have_openmpi
 
 pytestmark = pytest.mark.slow
 
