@@ -30,8 +30,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 SCRIPT = HERE / "testslurm.sh"
 STATE = Path(os.environ.get("MPIMAP_TESTSLURM_DIR", "/tmp/mpimap-testslurm"))
-USERS = Path(str(STATE) + ".users")       # one file per test session using the cluster
-STARTED_BY_PYTEST = Path(str(STATE) + ".started-by-pytest")
+USERS = STATE / "users"                   # one file per test session using the cluster
+STARTED_BY_PYTEST = STATE / "started-by-pytest"
 NEEDED = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "salloc", "scontrol", "scancel")
 
 
@@ -108,8 +108,8 @@ class Cluster:
 @contextmanager
 def _locked():
     """The lock testslurm.sh takes for start/stop, held across our own bookkeeping too."""
-    STATE.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(STATE) + ".lock", "w") as fh:
+    STATE.mkdir(parents=True, exist_ok=True)
+    with open(STATE / "lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -168,13 +168,17 @@ def slurm():
     except (OSError, subprocess.SubprocessError) as exc:
         _unavailable(f"cannot start it in {STATE}: {type(exc).__name__}: {exc}")
     try:
-        yield Cluster(STATE / "etc" / "slurm.conf")
+        yield Cluster(STATE / "cluster" / "etc" / "slurm.conf")
     finally:
         with _locked():
             me.unlink(missing_ok=True)
             if STARTED_BY_PYTEST.exists() and not _live_users():
                 _script("stop", timeout=180)
                 STARTED_BY_PYTEST.unlink(missing_ok=True)
+            try:
+                USERS.rmdir()
+            except OSError:
+                pass
 
 
 @pytest.fixture

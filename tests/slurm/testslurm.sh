@@ -12,7 +12,9 @@
 # (the pytest fixture in tests/slurm/conftest.py starts and stops the cluster itself).
 #
 # Everything lives under one directory, $MPIMAP_TESTSLURM_DIR (default /tmp/mpimap-testslurm):
-# config, munge key and socket, daemon state, logs, and the per-node job scratch.  Daemons run in
+# cluster/ holds config, munge key and socket, daemon state, logs and the per-node job scratch
+# (stop deletes it); beside it only the start/stop lock, the pytest fixture's bookkeeping, and
+# failed-logs/ after a failed start.  Daemons run in
 # the foreground (-D / -F) in their own session (setsid), so the pid this script records is the
 # daemon itself; `stop` signals those pids and the processes they forked (slurmscriptd,
 # slurmstepd), found by the marker this script puts in the daemons' environment -- nothing else.
@@ -28,7 +30,8 @@
 
 set -euo pipefail
 
-DIR=${MPIMAP_TESTSLURM_DIR:-/tmp/mpimap-testslurm}
+ROOT=${MPIMAP_TESTSLURM_DIR:-/tmp/mpimap-testslurm}
+DIR=$ROOT/cluster
 PORT=${MPIMAP_TESTSLURM_PORT:-16817}      # slurmctld; the nodes use PORT+1, PORT+2
 CPUS=${MPIMAP_TESTSLURM_CPUS:-4}
 KILLWAIT=${MPIMAP_TESTSLURM_KILLWAIT:-10}
@@ -43,12 +46,12 @@ die() { echo "testslurm: $*" >&2; exit 1; }
 for v in PORT CPUS KILLWAIT; do
     [[ "${!v}" =~ ^[0-9]+$ ]] || die "MPIMAP_TESTSLURM_$v must be a whole number (got '${!v}')"
 done
-case "$DIR" in
+case "$ROOT" in
     /*) ;;
-    *) die "MPIMAP_TESTSLURM_DIR must be an absolute path (got '$DIR')" ;;
+    *) die "MPIMAP_TESTSLURM_DIR must be an absolute path (got '$ROOT')" ;;
 esac
-case "$DIR" in
-    *[[:space:]]* | *'"'* | *"'"* | *'#'*) die "MPIMAP_TESTSLURM_DIR='$DIR': slurm.conf cannot hold" \
+case "$ROOT" in
+    *[[:space:]]* | *'"'* | *"'"* | *'#'*) die "MPIMAP_TESTSLURM_DIR='$ROOT': slurm.conf cannot hold" \
         "spaces, quotes or # in paths; choose another directory" ;;
 esac
 
@@ -126,7 +129,7 @@ cmd_status() {
 write_config() {
     local host; host=$(hostname)
     mkdir -p "$DIR"/{etc,run,log,ctld,spool,tmp,scratch,munge,munge-key}
-    chmod 755 "$DIR" "$DIR/munge"          # munged wants a world-executable socket directory
+    chmod 755 "$ROOT" "$DIR" "$DIR/munge"  # munged wants a world-executable socket directory
     chmod 700 "$DIR/munge-key"
     chmod 1777 "$DIR/scratch"
     [ -f "$DIR/munge-key/munge.key" ] || {
@@ -237,7 +240,7 @@ cmd_start() {
 
 # A failed start stops what it started; the logs are kept beside the state directory.
 start_failed() {
-    local keep="$DIR.failed-logs"
+    local keep="$ROOT/failed-logs"
     rm -rf "$keep"; cp -r "$DIR/log" "$keep" 2>/dev/null || true
     cmd_stop >/dev/null 2>&1 || true
     die "$* (logs in $keep)"
@@ -288,9 +291,9 @@ cmd_stop() {
 # (The pytest fixture holds the same lock itself and sets MPIMAP_TESTSLURM_LOCKED=1.)
 locked() {
     if [ "${MPIMAP_TESTSLURM_LOCKED:-}" = 1 ]; then "$@"; return; fi
-    mkdir -p "$(dirname "$DIR")"
-    exec 9>"$DIR.lock"
-    flock -w 120 9 || die "could not lock $DIR.lock within 120 s"
+    mkdir -p "$ROOT"
+    exec 9>"$ROOT/lock"
+    flock -w 120 9 || die "could not lock $ROOT/lock within 120 s"
     "$@"
 }
 
