@@ -6,7 +6,9 @@
           ├── CheckpointError        the checkpoint belongs to another function/input, or is unreadable
           ├── WorkerLostError        a worker rank died (signal, os._exit, OOM); names rank, host, items
           ├── SerializationError     something cannot cross ranks; names the object and the fix
-          └── RemoteError            a task's exception that cannot be rebuilt on rank 0
+          ├── RemoteError            a task's exception that cannot be rebuilt on rank 0
+          └── LaunchError            mpimap run / sbatch cannot start the job; says how to fix it
+               └── CommandError      an external command failed: argv, exit code, output
 
 Bad arguments get plain ValueError / TypeError. A task's own exception is re-raised as itself, with a
 RemoteTraceback chained as ``__cause__`` (so the worker's traceback prints under the local one, the way
@@ -15,11 +17,14 @@ concurrent.futures and mpi4py.futures show it) and a note naming the item, rank 
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 __all__ = [
     "BundleError",
     "CheckpointError",
+    "CommandError",
+    "LaunchError",
     "MpimapError",
     "RemoteError",
     "RemoteTraceback",
@@ -79,6 +84,28 @@ class RemoteError(MpimapError):
 
     def __reduce__(self):
         return (type(self), (self.type_name, self.message, self.remote_traceback))
+
+
+class LaunchError(MpimapError):
+    """A problem starting a job (``mpimap run`` / ``sbatch``) the user can fix; the message says
+    how. The command line prints it and exits 2."""
+
+
+class CommandError(LaunchError):
+    """An external command failed: carries its argv, exit code, stdout and stderr."""
+
+    def __init__(self, argv, returncode, stdout="", stderr="", why=None):
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stdout = stdout or ""
+        self.stderr = stderr or ""
+        head = why or f"command failed with exit code {returncode}"
+        parts = [f"{head}: {shlex.join(self.argv)}"]
+        for name, text in (("stdout", self.stdout), ("stderr", self.stderr)):
+            text = text.strip()
+            if text:
+                parts.append(f"--- {name} ---\n{text}")
+        super().__init__("\n".join(parts))
 
 
 class RemoteTraceback(Exception):

@@ -35,33 +35,14 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ._errors import CommandError, LaunchError
+
 __all__ = [
     "CommandError", "LaunchError", "Launcher", "Library", "RunOptions", "build_argv",
     "choose_launcher", "data_dir", "detect_library", "family_of", "find_mpiexec", "find_program",
     "identify", "mpiexec_name",
     "load_launchers", "run",
 ]
-
-
-class LaunchError(Exception):
-    """A problem the user can fix; the message says how. The CLI prints it and exits 2."""
-
-
-class CommandError(LaunchError):
-    """An external command failed: carries its argv, exit code, stdout and stderr."""
-
-    def __init__(self, argv, returncode, stdout="", stderr="", why=None):
-        self.argv = list(argv)
-        self.returncode = returncode
-        self.stdout = stdout or ""
-        self.stderr = stderr or ""
-        head = why or f"command failed with exit code {returncode}"
-        parts = [f"{head}: {shlex.join(self.argv)}"]
-        for name, text in (("stdout", self.stdout), ("stderr", self.stderr)):
-            text = text.strip()
-            if text:
-                parts.append(f"--- {name} ---\n{text}")
-        super().__init__("\n".join(parts))
 
 
 def _call(argv: Sequence[str], *, input: str | None = None, timeout: float | None = 60,
@@ -223,6 +204,7 @@ import json, mpi4py
 mpi4py.rc.initialize = False
 mpi4py.rc.finalize = False
 from mpi4py import MPI
+
 path = ""
 try:
     with open("/proc/self/maps") as maps:

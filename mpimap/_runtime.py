@@ -301,8 +301,38 @@ def _flush():
             pass
 
 
+def _leaving():
+    """This rank exits for good: make the exit clean for the MPI library.
+
+    * MPICH's failure notice (SIGUSR1 under ``-disable-auto-cleanup``) can arrive again while
+      ranks exit and would kill one that already restored Python's default action: ignore it.
+    * A rank that leaves without MPI_Finalize (after a lost rank, or an abort) leaves MPICH's
+      node-shared segments in /dev/shm, and a later job that happens to get the same name fails in
+      MPI_Init. Every process of the node maps them, so the names can go now (the memory stays
+      until the last mapping is gone); MPI_Init is long over, nothing attaches to them any more.
+    """
+    try:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    except (ValueError, OSError):
+        pass
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+        return
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split(None, 5)[5].strip() for line in f if "/dev/shm/mpich" in line}
+    except OSError:
+        return
+    for path in paths:
+        try:
+            os.unlink(path.removesuffix(" (deleted)"))
+        except OSError:
+            pass
+
+
 def _exit_now(code):
     _flush()
+    _leaving()
     os._exit(code)
 
 
@@ -322,6 +352,7 @@ def _abort(code):
         if not MPI.Is_initialized():
             MPI.Init()
         if not MPI.Is_finalized():
+            _leaving()
             MPI.COMM_WORLD.Abort(code or 1)
     except Exception:
         pass
@@ -502,6 +533,7 @@ def _driver_main(session, script):
         # MPI_Finalize can wait forever for a rank that died: leave without it.
         _exit_now(code)
     _flush()
+    _leaving()
     sys.exit(code)
 
 
@@ -528,6 +560,7 @@ def _worker_main(session):
         _exit_now(0)
     session.finalize(clean=True)
     _flush()
+    _leaving()
     sys.exit(0)
 
 

@@ -3,18 +3,17 @@
 ``engine``: an Engine over the in-process transport (worker threads, same bytes path), installed
 as the executor of the public functions, so ``mpimap.pmap`` in a test runs on it.
 
-``run_mpi``: launch a real MPI job as a subprocess with a deadline -- a hang fails that one test
-with its output, never the whole run.
+``run_mpi``: launch a real MPI job as a subprocess with a deadline (procutil.run_cmd) -- a hang
+fails that one test with its output, never the whole run.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
+import procutil
 import pytest
 
 from mpimap import _launch, _runtime
@@ -48,15 +47,6 @@ def engine(make_engine):
     return make_engine(2)
 
 
-class Result:
-    def __init__(self, argv, rc, out, err):
-        self.argv, self.rc, self.out, self.err = argv, rc, out, err
-
-    def __repr__(self):
-        return (f"<{' '.join(map(str, self.argv))}: rc={self.rc}>\n--- stdout ---\n{self.out}"
-                f"\n--- stderr ---\n{self.err}")
-
-
 def mpiexec():
     path = _launch.find_mpiexec()
     if path is None:
@@ -65,22 +55,12 @@ def mpiexec():
     return path
 
 
-def run_cmd(argv, timeout=90, env=None, cwd=None) -> Result:
-    full_env = dict(os.environ)
-    full_env.pop("MPIMAP_SERIAL", None)
-    full_env["PYTHONUNBUFFERED"] = "1"
-    full_env.update(env or {})
-    proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=full_env,
-                            cwd=cwd or SCRIPTS, start_new_session=True)
+def run_cmd(argv, timeout=90, env=None, cwd=None):
+    before = procutil.shm_names()
     try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"deadline of {timeout} s passed (a hang):\n"
-                    f"{Result(argv, None, out, err)!r}")
-    return Result(argv, proc.returncode, out, err)
+        return procutil.run_cmd(argv, timeout=timeout, env=env, cwd=cwd or SCRIPTS)
+    finally:
+        procutil.tidy_mpich_shm(before)
 
 
 @pytest.fixture

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 pytestmark = pytest.mark.mpi
 
@@ -156,11 +159,11 @@ def test_mpimap_run_dry_run_prints_the_launcher_command(run_mpi):
 
     out = subprocess.run([sys.executable, "-m", "mpimap.cli", "run", "-n", "3", "--dry-run",
                           "exitcode.py", "0"], capture_output=True, text=True,
-                         cwd=str(__import__("conftest").SCRIPTS)).stdout
+                         cwd=str(SCRIPTS)).stdout
     assert "-n 3" in out and "-m mpimap" in out and "exitcode.py 0" in out
 
 
-EXAMPLES = __import__("conftest").ROOT / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def test_quickstart_example_serial_and_parallel_agree(run_mpi):

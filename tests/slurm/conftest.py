@@ -17,7 +17,6 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from procutil import Result, run_cmd
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -33,15 +33,6 @@ STATE = Path(os.environ.get("MPIMAP_TESTSLURM_DIR", "/tmp/mpimap-testslurm"))
 USERS = STATE / "users"                   # one file per test session using the cluster
 STARTED_BY_PYTEST = STATE / "started-by-pytest"
 NEEDED = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "salloc", "scontrol", "scancel")
-
-
-class Result:
-    def __init__(self, argv, rc, out, err):
-        self.argv, self.rc, self.out, self.err = argv, rc, out, err
-
-    def __repr__(self):
-        return (f"<{' '.join(map(str, self.argv))}: rc={self.rc}>\n--- stdout ---\n{self.out}"
-                f"\n--- stderr ---\n{self.err}")
 
 
 class Cluster:
@@ -62,21 +53,13 @@ class Cluster:
 
     def run(self, argv, timeout=90, env=None, cwd=None, job_id_from_stdout=False) -> Result:
         """Run a client command with a deadline; on a hang, cancel the job it submitted."""
-        full = dict(self.env)
-        full.update(env or {})
-        proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=full, cwd=cwd,
-                                start_new_session=True)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
+
+        def cancel_submitted(out):
             if job_id_from_stdout and out.strip().splitlines():
                 self.cancel(out.strip().splitlines()[0])
-            pytest.fail(f"deadline of {timeout} s passed (a hang):\n"
-                        f"{Result(argv, None, out, err)!r}")
-        return Result(argv, proc.returncode, out, err)
+
+        return run_cmd(argv, timeout=timeout, env=env, cwd=cwd, base_env=self.env,
+                       on_timeout=cancel_submitted)
 
     def mpimap(self, *args, timeout=90, env=None, cwd=None) -> Result:
         return self.run([sys.executable, "-m", "mpimap.cli", *args], timeout=timeout, env=env,

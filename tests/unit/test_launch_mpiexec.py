@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procutil import clean_env, run_cmd
 
 from mpimap import _launch
 
@@ -42,21 +43,8 @@ needs_mpich = pytest.mark.skipif(_library_family() != "mpich",
 
 
 def run(argv, env=None, timeout=60, cwd=None):
-    full = dict(os.environ)
-    for var in [v for v in full if v.startswith(("SLURM_", "MPIMAP_", "OMPI_", "PMI"))]:
-        del full[var]
-    full["PYTHONUNBUFFERED"] = "1"
-    full.update(env or {})
-    proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=full, cwd=cwd,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"deadline of {timeout} s passed (a hang): {argv}\n{out}\n{err}")
-    return proc.returncode, out, err
+    base = clean_env(drop=("SLURM_", "MPIMAP_", "OMPI_", "PMI"))
+    return tuple(run_cmd(argv, timeout=timeout, env=env, cwd=cwd, base_env=base))
 
 
 def mpimap_run(*args, env=None, timeout=60, cwd=None):
