@@ -72,6 +72,7 @@ def main():
     args = ap.parse_args()
     reps = 1 if args.quick else args.reps
     n = args.ranks
+    load_before = os.getloadavg()[0]
     r = {}
     r["noop", "mpimap"] = launch("mpimap", "noop", n, reps)
     r["noop", "raw"] = launch("raw", "noop", n, reps)
@@ -83,6 +84,7 @@ def main():
     for tool in ("mpimap", "futures", "schwimmbad", "raw"):
         r["latency", tool] = launch(tool, "latency", n, reps)
 
+    load_after = os.getloadavg()[0]
     tput = {k[1]: med(v["items_per_s"]) for k, v in r.items() if k[0] == "noop"}
     bal = {k[1]: med(v["ratio"]) for k, v in r.items() if k[0] == "balance"}
     bal_m = r["balance", "mpimap"]
@@ -96,7 +98,9 @@ def main():
         f"Run {datetime.date.today().isoformat()} with `python bench/run_core.py` on {machine()}.",
         f"**{n} ranks** (rank 0 drives, {n - 1} compute), every tool in its own MPI job, one "
         f"after the other; each figure is the median of {reps} maps on a warm pool. mpimap runs "
-        "with its automatic chunk size (no tuning).",
+        "with its automatic chunk size (no tuning). Load average of the machine: "
+        f"{load_before:.1f} before, {load_after:.1f} after (other work on the machine inflates "
+        "every tool's times, the busy-polling ones most).",
         "",
         "### No-op throughput, 200,000 items (items/s, higher is better)",
         "",
