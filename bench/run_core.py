@@ -177,11 +177,30 @@ def main():
         text = head + section + rest.split(END, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
+    summary = (
+        f"Core map, {n} ranks: no-op throughput **{tput['mpimap']:,.0f} items/s** with the "
+        f"automatic chunk size = **{tput['mpimap'] / tput['futures-best']:.1f}x** mpi4py.futures at "
+        f"its best chunksize and {tput['mpimap'] / tput['futures']:,.0f}x at its default; "
+        f"skewed load balance **{bal['mpimap']:.2f}** x ideal (mpi4py.futures "
+        f"{bal['futures']:.2f}, schwimmbad {bal['schwimmbad']:.2f}); latency of a small map on "
+        f"a warm pool **{lat['mpimap']:.2f} ms** (mpi4py.futures {lat['futures']:.2f} ms).")
     if args.quick:
         print(section)
+        print(summary)
     else:
         RESULTS.write_text(text)
-        print(f"wrote {RESULTS}")
+        set_block(HERE.parent / "README.md", "core", summary)
+        print(f"wrote {RESULTS} and the README summary")
+
+
+def set_block(path, name, body):
+    """Replace the text between <!-- NAME-figures:begin/end --> in ``path``."""
+    begin, end = f"<!-- {name}-figures:begin -->", f"<!-- {name}-figures:end -->"
+    text = path.read_text()
+    if begin not in text:
+        return
+    head, rest = text.split(begin, 1)
+    path.write_text(head + begin + "\n" + body + "\n" + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":
