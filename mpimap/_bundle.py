@@ -1,0 +1,752 @@
+"""Bundles: a content-addressed set of data files and modules, built on rank 0, staged per node.
+
+    files=["data/", "*.csv"]  ──resolve (relative to rank 0's cwd; refuse /abs and ../)──┐
+    modules=["mylib"] + detected local imports (_modules) ──────────────────────────────┤
+                                                                                         ▼
+      entries (bundle path, source, size, mode)  ── size+mtime+inode seen before? ── sha256 known
+                                                                                         │
+      manifest = entries + sha256 ──▶ content id = sha256(canonical JSON of the content part)
+                                                                                         │
+      rank 0's node: already published under that id? yes ─▶ done (nothing read, nothing copied)
+                     no ─▶ read each file once: hash and copy into a staging directory in the
+                           same pass ─▶ manifest.json ─▶ read-only ─▶ rename into place (publish)
+                                                                                         │
+      other nodes ◀── pieces of <= MPIMAP_BUNDLE_PIECE bytes of the files' bytes in manifest
+                      order (big files: mmap views of rank 0's published copy, zero-copy)
+                      Receiver: validate the manifest first (no /abs, no .., links stay inside,
+                      no device files), write + hash each file as it arrives, compare with the
+                      manifest, publish atomically; mismatch -> the node re-receives
+
+Format, and why not tar.  A published bundle is a directory: ``manifest.json``, ``files/<the
+files= tree>`` and ``modules/<shipped modules>``.  On the wire it is the manifest plus the files'
+bytes back to back.  A tar stream would repeat the manifest, cost a copy of every byte on rank 0
+and hide the per-file checksums; the manifest already says everything tar headers would.
+Extraction checks every entry itself, with the rules of tarfile's "data" filter.
+
+"Packed once".  The expensive part of a bundle is reading and hashing its files.  Rank 0 keeps a
+(path, size, mtime, inode) -> sha256 index in memory and in the cache (``hashes.json``), so a
+file set used by many maps -- or by the next run -- is hashed once; a map whose id is already
+published (and known on every node) reads no file at all.  As with make and rsync, a file
+rewritten with the same size and mtime is not noticed.
+
+The content id hashes the format, every entry (path, type, size, mode, sha256, link target) and
+the names of the shipped modules.  Informational fields (python and mpimap versions, when and
+where it was published) are not part of it: the same files give the same id on every machine.
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import hashlib
+import json
+import mmap
+import os
+import platform
+import stat
+import time
+from dataclasses import dataclass, field
+
+from . import _cache
+from ._errors import BundleError
+
+__all__ = ["Bundle", "Builder", "Receiver", "check_manifest", "load_manifest", "resolve_files",
+           "verify_published"]
+
+FORMAT = 1
+_HASH_CHUNK = 1 << 20
+_MMAP_MIN = 1 << 20  # a piece that is one span of a file at least this big goes as an mmap view
+
+
+@dataclass
+class Entry:
+    path: str  # inside the bundle: "files/data/a.csv", "modules/mylib/__init__.py"
+    type: str  # "file", "dir" or "link"
+    source: str = ""  # absolute path on rank 0 (not in the manifest)
+    size: int = 0
+    mode: int = 0o644
+    sha256: str = ""
+    target: str = ""  # links: relative target
+    key: tuple = ()  # (size, mtime_ns, inode, dev) when read, for the hash index
+
+    def record(self) -> dict:
+        r = {"path": self.path, "type": self.type}
+        if self.type == "file":
+            r.update(size=self.size, mode=f"{self.mode:04o}", sha256=self.sha256)
+        elif self.type == "link":
+            r["target"] = self.target
+        return r
+
+
+@dataclass
+class Bundle:
+    """A bundle published on rank 0's node: what the engine hands around."""
+
+    id: str
+    path: str
+    manifest: dict
+    modules_key: str = ""  # hash of the module entries only: "the workers' modules changed"
+    has_files: bool = False
+    top: list = field(default_factory=list)  # top-level names under files/
+
+
+# ----------------------------------------------------------------------------------------------
+# files= on rank 0
+
+_GLOB_CHARS = set("*?[")
+
+
+def _as_path(item, what) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        p = os.fspath(item)
+        if isinstance(p, bytes):
+            p = os.fsdecode(p)
+        if not p:
+            raise BundleError(f"{what}: an empty path")
+        return p
+    raise TypeError(f"{what}: expected a path (str or pathlib.Path), got "
+                    f"{type(item).__name__} {item!r}")
+
+
+def _inside(rel: str) -> bool:
+    return rel != ".." and not rel.startswith("../") and not os.path.isabs(rel)
+
+
+def _refuse_outside(given: str, cwd: str) -> None:
+    raise BundleError(
+        f"files=: {given!r} is {'an absolute path' if os.path.isabs(given) else 'outside the current directory'}"
+        f" ({cwd}). Inside a task, files= paths open by the same relative path as on rank 0, so "
+        f"they must lie under rank 0's current directory. Fix: pass it relative to {cwd}, or "
+        f"make a link inside it and pass the link (`ln -s {os.path.abspath(os.path.join(cwd, given))} "
+        f"{os.path.basename(given.rstrip('/')) or 'data'}` then files=[{os.path.basename(given.rstrip('/')) or 'data'!r}]), "
+        f"or start the script from a directory that contains the file.")
+
+
+def resolve_files(spec, cwd: str, skip: tuple = ()) -> list[Entry]:
+    """files= -> entries under "files/", checked: every path exists, is readable and lies under
+    ``cwd``. Directories are taken whole; patterns (``*``, ``?``, ``[``, ``**``) are expanded
+    relative to ``cwd``. ``skip``: absolute directories never to include (mpimap's own)."""
+    if spec is None:
+        return []
+    if isinstance(spec, (str, os.PathLike)):
+        spec = [spec]
+    try:
+        items = list(spec)
+    except TypeError:
+        raise TypeError(f"files= must be a list of paths, not {type(spec).__name__}") from None
+    found: dict[str, str] = {}  # relative path -> absolute source
+    for item in items:
+        given = _as_path(item, "files=")
+        rel = os.path.normpath(given)
+        if os.path.isabs(given) or not _inside(rel):
+            _refuse_outside(given, cwd)
+        full = os.path.join(cwd, rel)
+        if not os.path.lexists(full) and _GLOB_CHARS & set(given):
+            matches = sorted(glob.glob(given, root_dir=cwd, recursive=True))
+            if not matches:
+                raise BundleError(f"files=: the pattern {given!r} matches nothing in {cwd}")
+            for m in matches:
+                _add_path(os.path.normpath(m), cwd, found, skip, given)
+            continue
+        if not os.path.lexists(full):
+            raise BundleError(f"files=: {given!r} does not exist (looked for {full}). Paths in "
+                              f"files= are relative to rank 0's current directory.")
+        _add_path(rel, cwd, found, skip, given)
+    return _entries_from(found, cwd)
+
+
+def _add_path(rel, cwd, found, skip, given):
+    full = os.path.join(cwd, rel) if rel != "." else cwd
+    if not _inside(rel):
+        _refuse_outside(rel, cwd)
+    if os.path.islink(full) and not os.path.exists(full):
+        raise BundleError(f"files=: {rel!r} is a link to {os.readlink(full)!r}, which does not "
+                          f"exist")
+    if os.path.isdir(full):
+        seen = set()
+        for dirpath, dirnames, filenames in os.walk(full, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen or any(real == s or real.startswith(s + os.sep) for s in skip):
+                dirnames[:] = []
+                continue
+            seen.add(real)
+            if not os.access(dirpath, os.R_OK | os.X_OK):
+                raise BundleError(f"files=: the directory {os.path.relpath(dirpath, cwd)!r} "
+                                  f"cannot be read (permission denied)")
+            drel = os.path.relpath(dirpath, cwd)
+            if drel != ".":
+                found.setdefault(drel, "")  # a directory
+            dirnames.sort()
+            for name in sorted(filenames):
+                p = os.path.join(dirpath, name)
+                r = os.path.relpath(p, cwd)
+                if os.path.islink(p) and not os.path.exists(p):
+                    raise BundleError(f"files=: {r!r} is a link to {os.readlink(p)!r}, which "
+                                      f"does not exist")
+                found[r] = p
+    else:
+        found[rel] = full
+
+
+def _entries_from(found: dict, cwd: str) -> list[Entry]:
+    out = []
+    real_to_rel = {}
+    for rel, src in found.items():
+        if src:
+            real_to_rel.setdefault(os.path.realpath(src), rel)
+    for rel in sorted(found):
+        src = found[rel]
+        path = "files/" + rel.replace(os.sep, "/")
+        if not src:
+            out.append(Entry(path, "dir"))
+            continue
+        try:
+            st = os.stat(src)
+        except OSError as exc:
+            raise BundleError(f"files=: cannot read {rel!r}: {exc.strerror or exc}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"files=: {rel!r} is not a regular file or directory (a device, "
+                              f"pipe or socket cannot be bundled)")
+        if not os.access(src, os.R_OK):
+            raise BundleError(f"files=: {rel!r} cannot be read (permission denied)")
+        if os.path.islink(src):
+            # A link to another bundled file stays a link (one copy of the bytes); any other
+            # link is followed and its content shipped under the link's name.
+            other = real_to_rel.get(os.path.realpath(src))
+            if other is not None and other != rel and not os.path.islink(found[other]):
+                target = os.path.relpath(other, os.path.dirname(rel) or ".").replace(os.sep, "/")
+                out.append(Entry(path, "link", target=target))
+                continue
+        out.append(Entry(path, "file", source=src, size=st.st_size,
+                         mode=stat.S_IMODE(st.st_mode) & 0o777,
+                         key=(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)))
+    return out
+
+
+def module_entries(found: list) -> list[Entry]:
+    """Entries under "modules/" for [(name, kind, path)] from _modules.resolve()."""
+    out = []
+    for name, kind, path in found:
+        if kind == "module":
+            st = os.stat(path)
+            out.append(Entry(f"modules/{os.path.basename(path)}", "file", source=path, size=st.st_size,
+                             mode=stat.S_IMODE(st.st_mode) & 0o777,
+                             key=(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)))
+            continue
+        out.append(Entry(f"modules/{name}", "dir"))
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__" and not d.startswith("."))
+            rel_dir = os.path.relpath(dirpath, path)
+            if rel_dir != ".":
+                out.append(Entry(f"modules/{name}/{rel_dir.replace(os.sep, '/')}", "dir"))
+            for fname in sorted(filenames):
+                if fname.endswith((".pyc", ".pyo")):
+                    continue
+                src = os.path.join(dirpath, fname)
+                st = os.stat(src)
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                rel = os.path.relpath(src, path).replace(os.sep, "/")
+                out.append(Entry(f"modules/{name}/{rel}", "file", source=src, size=st.st_size,
+                                 mode=stat.S_IMODE(st.st_mode) & 0o777,
+                                 key=(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifest and content id
+
+def content_id(entries: list, modules: list) -> str:
+    body = {"format": FORMAT, "entries": [e.record() for e in entries],
+            "modules": sorted([m["name"], bool(m.get("detected"))] for m in modules)}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
+def modules_key(entries: list) -> str:
+    mods = [e.record() for e in entries if e.path.startswith("modules/")]
+    if not mods:
+        return ""
+    return hashlib.sha256(json.dumps(mods, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def make_manifest(bid, entries, spec, modules, detected) -> dict:
+    from . import __version__
+
+    files = [e for e in entries if e.type == "file"]
+    return {
+        "format": FORMAT,
+        "id": bid,
+        "entries": [e.record() for e in entries],
+        "files": list(spec),
+        "modules": modules,
+        "detected_imports": detected,
+        "file_count": len(files),
+        "total_bytes": sum(e.size for e in files),
+        "python": platform.python_version(),
+        "mpimap": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created_on": _cache.node_name(),
+    }
+
+
+def check_manifest(man) -> list[dict]:
+    """The entries of a manifest that came from elsewhere, refusing anything unsafe.
+
+    Refused: absolute paths, ``..`` or empty components, paths outside files/ and modules/,
+    duplicates, entries below a link, links whose target leaves the bundle, and any type but
+    file, dir and link (device files, fifos, sockets).
+    """
+    if not isinstance(man, dict) or man.get("format") != FORMAT or \
+            not isinstance(man.get("entries"), list):
+        raise BundleError("the bundle manifest is not one this mpimap understands (format "
+                          f"{man.get('format') if isinstance(man, dict) else '?'})")
+    seen = set()
+    links = set()
+    out = []
+    for e in man["entries"]:
+        path = e.get("path") if isinstance(e, dict) else None
+        kind = e.get("type") if isinstance(e, dict) else None
+        if not isinstance(path, str) or not path or "\0" in path:
+            raise BundleError(f"unsafe bundle entry {e!r}: no usable path")
+        if path.startswith("/") or os.path.isabs(path):
+            raise BundleError(f"unsafe bundle entry {path!r}: an absolute path")
+        parts = path.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise BundleError(f"unsafe bundle entry {path!r}: '..', '.' or empty components")
+        if parts[0] not in ("files", "modules") or len(parts) < 2:
+            raise BundleError(f"unsafe bundle entry {path!r}: outside files/ and modules/")
+        if kind not in ("file", "dir", "link"):
+            raise BundleError(f"unsafe bundle entry {path!r}: type {kind!r} (only regular files, "
+                              f"directories and links inside the bundle are extracted; device "
+                              f"files, fifos and sockets never are)")
+        if path in seen:
+            raise BundleError(f"unsafe bundle entry {path!r}: listed twice")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in links:
+                raise BundleError(f"unsafe bundle entry {path!r}: it lies below a link")
+        seen.add(path)
+        if kind == "link":
+            target = e.get("target")
+            if not isinstance(target, str) or not target or target.startswith("/") or \
+                    "\0" in target:
+                raise BundleError(f"unsafe bundle entry {path!r}: link target {target!r} is "
+                                  f"absolute or empty")
+            resolved = os.path.normpath(os.path.join(os.path.dirname(path), target))
+            top = parts[0]
+            if resolved.startswith("..") or not (resolved == top or resolved.startswith(top + "/")):
+                raise BundleError(f"unsafe bundle entry {path!r}: the link points outside the "
+                                  f"bundle ({target!r})")
+            links.add(path)
+        if kind == "file":
+            if not isinstance(e.get("size"), int) or e["size"] < 0 or \
+                    not isinstance(e.get("sha256"), str) or len(e["sha256"]) != 64:
+                raise BundleError(f"bad bundle entry {path!r}: size or sha256 missing")
+        out.append(e)
+    return out
+
+
+def load_manifest(path: str) -> dict:
+    """The manifest of a published bundle directory (or of a manifest.json path)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "manifest.json")
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def verify_published(path: str, bid: str) -> str | None:
+    """Cheap check of a published bundle before it is trusted: None if fine, else why not.
+
+    Every file must still have its size, and the mtime the publisher gave it. A file written
+    after publishing (a task running as root ignores the read-only modes; a C library opening a
+    bundled file for update) changes its mtime: the node then re-receives the bundle.
+    """
+    try:
+        man = load_manifest(path)
+    except (OSError, ValueError) as exc:
+        return f"its manifest cannot be read ({exc})"
+    if man.get("id") != bid:
+        return "its manifest names another id"
+    stamp = man.get("published")
+    for e in man.get("entries", ()):
+        p = os.path.join(path, *e["path"].split("/"))
+        try:
+            st = os.lstat(p)
+        except OSError:
+            return f"{e['path']} is missing"
+        if e["type"] == "file":
+            if not stat.S_ISREG(st.st_mode) or st.st_size != e["size"] or \
+                    (stamp is not None and st.st_mtime_ns != stamp):
+                return f"{e['path']} was changed after it was published"
+    return None
+
+
+def _finish_tree(top: str, entries: list, stamp_ns: int) -> None:
+    for e in entries:
+        if e["type"] == "file":
+            p = os.path.join(top, *e["path"].split("/"))
+            os.utime(p, ns=(stamp_ns, stamp_ns))
+    _cache.make_readonly(top)
+
+
+def _enospc(exc: OSError, where: str, what: str) -> BundleError:
+    return BundleError(f"no space left while {what} in {where} ({exc.strerror}). Free space "
+                       f"with `mpimap cache purge --older-than 7d` (or --all), or set "
+                       f"MPIMAP_CACHE_DIR to a node-local directory with more room.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rank 0: build and publish locally
+
+class HashIndex:
+    """(path, size, mtime_ns, inode, device) -> sha256, in memory and in the cache's hashes.json."""
+
+    LIMIT = 200_000
+
+    def __init__(self, root: str):
+        self.path = os.path.join(root, "hashes.json")
+        self.data: dict = {}
+        self.dirty = False
+        try:
+            with open(self.path) as fh:
+                raw = json.load(fh)
+            if isinstance(raw, dict) and raw.get("format") == 1:
+                self.data = {k: tuple(v) for k, v in raw["entries"].items()}
+        except (OSError, ValueError, KeyError, TypeError):
+            self.data = {}
+
+    def get(self, src, key):
+        v = self.data.get(src)
+        return v[4] if v is not None and tuple(v[:4]) == tuple(key) else None
+
+    def put(self, src, key, sha):
+        self.data[src] = (*key, sha)
+        self.dirty = True
+
+    def save(self):
+        if not self.dirty:
+            return
+        if len(self.data) > self.LIMIT:
+            self.data = dict(list(self.data.items())[-self.LIMIT // 2:])
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as fh:
+                json.dump({"format": 1, "entries": self.data}, fh)
+            os.replace(tmp, self.path)
+            self.dirty = False
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+class Builder:
+    """Rank 0's bundle maker: resolve, hash (fast path), publish on rank 0's own node."""
+
+    def __init__(self, root: str | None = None):
+        self.root = root or _cache.cache_root()
+        self.index = HashIndex(self.root)
+        self.verified: dict[str, str] = {}  # id -> path checked in this process
+
+    def build(self, entries: list, spec: list, modules: list, detected: list) -> Bundle:
+        known = all(e.type != "file" or self.index.get(e.source, e.key) for e in entries)
+        if known:
+            for e in entries:
+                if e.type == "file":
+                    e.sha256 = self.index.get(e.source, e.key)
+            bid = content_id(entries, modules)
+            path = self._published(bid)
+            if path is not None:
+                return self._bundle(bid, path, entries)
+        return self._stage_locally(entries, spec, modules, detected)
+
+    def _published(self, bid):
+        if bid in self.verified:
+            return self.verified[bid]
+        path = _cache.bundle_dir(self.root, bid)
+        if os.path.isdir(path):
+            if verify_published(path, bid) is None:
+                self.verified[bid] = path
+                return path
+            _cache.discard(self.root, bid)  # damaged: build it again
+        return None
+
+    def _bundle(self, bid, path, entries) -> Bundle:
+        _cache.touch(self.root, bid)
+        man = load_manifest(path)
+        top = sorted({e.path.split("/")[1] for e in entries if e.path.startswith("files/")})
+        return Bundle(bid, path, man, modules_key(entries), bool(top), top)
+
+    def _stage_locally(self, entries, spec, modules, detected) -> Bundle:
+        staging = _cache.new_staging(self.root, "build")
+        try:
+            try:
+                for e in entries:
+                    dest = os.path.join(staging, *e.path.split("/"))
+                    if e.type == "dir":
+                        os.makedirs(dest, exist_ok=True)
+                    elif e.type == "link":
+                        os.makedirs(os.path.dirname(dest), exist_ok=True)
+                        os.symlink(e.target, dest)
+                    else:
+                        os.makedirs(os.path.dirname(dest), exist_ok=True)
+                        e.sha256, e.size = _copy_hashing(e.source, dest, e.path)
+                        if _stat_key(e.source) == e.key:  # unchanged while we read it
+                            self.index.put(e.source, e.key, e.sha256)
+                bid = content_id(entries, modules)
+                man = make_manifest(bid, entries, spec, modules, detected)
+                stamp = time.time_ns()
+                man["published"] = stamp
+                man["staged_by"] = {"rank": 0, "node": _cache.node_name(), "pid": os.getpid(),
+                                    "how": "built from the source files"}
+                with open(os.path.join(staging, "manifest.json"), "w") as fh:
+                    json.dump(man, fh, indent=1)
+                _finish_tree(staging, man["entries"], stamp)
+                path, _ours = _cache.publish(staging, self.root, bid)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise _enospc(exc, self.root, "building the bundle on rank 0's node") \
+                        from None
+                raise
+        finally:
+            if os.path.exists(staging):
+                _cache.remove_tree(staging)
+        self.index.save()
+        self.verified[bid] = path
+        return self._bundle(bid, path, entries)
+
+
+def _stat_key(src):
+    try:
+        st = os.stat(src)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+
+def _copy_hashing(src, dest, name) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    try:
+        fin = open(src, "rb")
+    except OSError as exc:
+        raise BundleError(f"files=: cannot read {name[6:] if name.startswith('files/') else name}"
+                          f": {exc.strerror or exc}") from None
+    with fin, open(dest, "wb") as fout:
+        while True:
+            block = fin.read(_HASH_CHUNK)
+            if not block:
+                break
+            h.update(block)
+            fout.write(block)
+            n += len(block)
+    return h.hexdigest(), n
+
+
+# ----------------------------------------------------------------------------------------------
+# Sending: the files' bytes in manifest order, in pieces
+
+def pieces(path: str, manifest: dict, size: int):
+    """Yield memoryviews of at most ``size`` bytes covering every file of a published bundle.
+
+    A piece that falls inside one big file is a view of an mmap of rank 0's published copy (no
+    copy); small files are gathered into one buffer. The published copy never changes while it
+    is read: it is read-only and locked against purge.
+    """
+    files = [e for e in manifest["entries"] if e["type"] == "file" and e["size"] > 0]
+    buf = bytearray()
+    for e in files:
+        p = os.path.join(path, *e["path"].split("/"))
+        n = e["size"]
+        with open(p, "rb") as fh:
+            if n >= _MMAP_MIN:
+                view = memoryview(mmap.mmap(fh.fileno(), n, prot=mmap.PROT_READ))
+                off = 0
+                if buf:
+                    take = min(size - len(buf), n)
+                    buf += view[:take]
+                    off = take
+                    if len(buf) == size:
+                        yield memoryview(buf)
+                        buf = bytearray()
+                while n - off >= size:
+                    yield view[off:off + size]
+                    off += size
+                if off < n:
+                    buf += view[off:]
+            else:
+                data = fh.read()
+                start = 0
+                while start < len(data):
+                    take = min(size - len(buf), len(data) - start)
+                    buf += data[start:start + take]
+                    start += take
+                    if len(buf) == size:
+                        yield memoryview(buf)
+                        buf = bytearray()
+    if buf:
+        yield memoryview(buf)
+
+
+class Receiver:
+    """A stager's side of one transfer: write pieces into a staging directory, verify, publish."""
+
+    def __init__(self, root: str, bid: str, manifest: dict, origin: dict):
+        self.root = root
+        self.bid = bid
+        self.manifest = dict(manifest)
+        self.error: BundleError | None = None
+        self.bad: list[str] = []
+        self.received = 0
+        self.staging = None
+        try:
+            self.entries = check_manifest(manifest)
+            if manifest.get("id") != bid:
+                raise BundleError("the manifest does not match the bundle id")
+            self.staging = _cache.new_staging(root, bid)
+            links = []
+            for e in self.entries:
+                dest = os.path.join(self.staging, *e["path"].split("/"))
+                if e["type"] == "dir":
+                    os.makedirs(dest, exist_ok=True)
+                elif e["type"] == "link":
+                    links.append((e["target"], dest))
+                else:
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+            self.links = links
+            self.origin = origin
+            self.files = [e for e in self.entries if e["type"] == "file"]
+            self.cur = -1
+            self.fh = None
+            self.hash = None
+            self.left = 0
+            self._next_file()
+        except BundleError as exc:
+            self.error = exc
+            self._cleanup()
+        except OSError as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.error = _enospc(exc, self.root, f"receiving bundle {self.bid[:12]} "
+                                 f"({_cache.human(self.manifest.get('total_bytes', 0))}) on node "
+                                 f"{_cache.node_name()}")
+        else:
+            self.error = BundleError(f"cannot write bundle {self.bid[:12]} on node "
+                                     f"{_cache.node_name()} in {self.root}: {exc}")
+        self._cleanup()
+
+    def _cleanup(self):
+        if getattr(self, "fh", None) is not None:
+            try:
+                self.fh.close()
+            except OSError:
+                pass
+        self.fh = None
+        if self.staging:
+            _cache.remove_tree(self.staging)
+            self.staging = None
+
+    def _close_file(self):
+        if self.fh is not None:
+            self.fh.close()
+            e = self.files[self.cur]
+            if self.hash.hexdigest() != e["sha256"]:
+                self.bad.append(e["path"])
+            self.fh = None
+
+    def _next_file(self):
+        """Open the next file (zero-length files are complete at once)."""
+        while True:
+            self._close_file()
+            self.cur += 1
+            if self.cur >= len(self.files):
+                return
+            e = self.files[self.cur]
+            dest = os.path.join(self.staging, *e["path"].split("/"))
+            self.fh = open(dest, "wb")
+            self.hash = hashlib.sha256()
+            self.left = e["size"]
+            if self.left > 0:
+                return
+
+    def feed(self, data) -> None:
+        if self.error is not None:
+            return
+        view = memoryview(data).cast("B")
+        self.received += view.nbytes
+        try:
+            while view.nbytes:
+                if self.fh is None:
+                    raise BundleError("more bytes arrived than the manifest lists")
+                take = min(self.left, view.nbytes)
+                part = view[:take]
+                self.fh.write(part)
+                self.hash.update(part)
+                self.left -= take
+                view = view[take:]
+                if self.left == 0:
+                    self._next_file()
+        except BundleError as exc:
+            self.error = exc
+            self._cleanup()
+        except OSError as exc:
+            self._fail(exc)
+
+    def finish(self) -> tuple[str | None, list, BundleError | None]:
+        """(published path or None, files that failed their checksum, error)."""
+        if self.error is not None:
+            return None, [], self.error
+        try:
+            if self.fh is not None or self.cur < len(self.files):
+                self._close_file()
+                missing = [e["path"] for e in self.files[self.cur:]]
+                self._cleanup()
+                return None, missing, None
+            if self.bad:
+                self._cleanup()
+                return None, self.bad, None
+            for target, dest in self.links:
+                os.symlink(target, dest)
+            stamp = time.time_ns()
+            man = dict(self.manifest)
+            man["published"] = stamp
+            man["staged_by"] = self.origin
+            with open(os.path.join(self.staging, "manifest.json"), "w") as fh:
+                json.dump(man, fh, indent=1)
+            _finish_tree(self.staging, self.files, stamp)
+            path, _ours = _cache.publish(self.staging, self.root, self.bid)
+            self.staging = None
+            return path, [], None
+        except OSError as exc:
+            self._fail(exc)
+            return None, [], self.error
+
+
+# ----------------------------------------------------------------------------------------------
+# mpimap bundle inspect
+
+def find(target: str, root: str | None = None) -> str:
+    """A published bundle directory from a path (bundle directory or its manifest.json) or an
+    id / unique id prefix in this node's cache."""
+    if os.path.exists(target):
+        path = os.path.dirname(os.path.abspath(target)) if os.path.isfile(target) else target
+        if not os.path.isfile(os.path.join(path, "manifest.json")):
+            raise BundleError(f"{target} is not a bundle (no manifest.json in {path})")
+        return path
+    prefix = target.strip().lower()
+    if len(prefix) < 4 or any(c not in "0123456789abcdef" for c in prefix):
+        raise BundleError(f"{target!r} is neither a path nor a bundle id (hex, at least 4 "
+                          f"characters)")
+    root = root or _cache.cache_root()
+    fan = os.path.join(root, "bundles", prefix[:2])
+    hits = sorted(n for n in (os.listdir(fan) if os.path.isdir(fan) else ())
+                  if n.startswith(prefix) and _cache.ID_RE.match(n))
+    if not hits:
+        raise BundleError(f"no bundle {prefix} in {root} (node {_cache.node_name()}); "
+                          f"`mpimap cache ls` lists what this node holds")
+    if len(hits) > 1:
+        raise BundleError(f"{prefix} is ambiguous: {', '.join(h[:16] for h in hits)}")
+    return os.path.join(fan, hits[0])
