@@ -148,9 +148,14 @@ def resolve_files(spec, cwd: str, skip: tuple = ()) -> list[Entry]:
             for m in matches:
                 _add_path(os.path.normpath(m), cwd, found, skip, given)
             continue
-        if not os.path.lexists(full):
+        try:
+            os.lstat(full)
+        except PermissionError:
+            raise BundleError(f"files=: {given!r} cannot be read (permission denied on "
+                              f"{full} or a directory above it)") from None
+        except OSError:
             raise BundleError(f"files=: {given!r} does not exist (looked for {full}). Paths in "
-                              f"files= are relative to rank 0's current directory.")
+                              f"files= are relative to rank 0's current directory.") from None
         _add_path(rel, cwd, found, skip, given)
     return _entries_from(found, cwd)
 
@@ -164,7 +169,13 @@ def _add_path(rel, cwd, found, skip, given):
                           f"exist")
     if os.path.isdir(full):
         seen = set()
-        for dirpath, dirnames, filenames in os.walk(full, followlinks=True):
+
+        def unreadable(exc):
+            raise BundleError(f"files=: the directory {os.path.relpath(exc.filename, cwd)!r} "
+                              f"cannot be read ({exc.strerror or exc})".replace(
+                                  "Permission denied", "permission denied"))
+
+        for dirpath, dirnames, filenames in os.walk(full, followlinks=True, onerror=unreadable):
             real = os.path.realpath(dirpath)
             if real in seen or any(real == s or real.startswith(s + os.sep) for s in skip):
                 dirnames[:] = []
@@ -448,6 +459,7 @@ class Builder:
         self.root = root or _cache.cache_root()
         self.index = HashIndex(self.root)
         self.verified: dict[str, str] = {}  # id -> path checked in this process
+        self.locks: dict[str, int] = {}  # id -> fd: rank 0 sends from it, purge must not remove
 
     def build(self, entries: list, spec: list, modules: list, detected: list) -> Bundle:
         known = all(e.type != "file" or self.index.get(e.source, e.key) for e in entries)
@@ -469,11 +481,18 @@ class Builder:
             if verify_published(path, bid) is None:
                 self.verified[bid] = path
                 return path
+            fd = self.locks.pop(bid, None)
+            if fd is not None:
+                os.close(fd)
             _cache.discard(self.root, bid)  # damaged: build it again
         return None
 
     def _bundle(self, bid, path, entries) -> Bundle:
         _cache.touch(self.root, bid)
+        if bid not in self.locks:
+            fd = _cache.lock_shared(path)
+            if fd is not None:
+                self.locks[bid] = fd
         man = load_manifest(path)
         top = sorted({e.path.split("/")[1] for e in entries if e.path.startswith("files/")})
         return Bundle(bid, path, man, modules_key(entries), bool(top), top)

@@ -47,6 +47,7 @@ from ._transport import BUNDLE, REPLY, Frame
 __all__ = ["EngineBundles", "WorkerBundles"]
 
 RAW = -1  # codec of a Packed that is plain bytes
+_BIG_DETECTED = 64 << 20  # detected local packages bigger than this are announced
 
 
 class _Outputs:
@@ -69,6 +70,7 @@ class EngineBundles:
         self.log: list = []  # one record per staging round (tests, benchmarks)
         self.outputs: dict = {}  # job id -> _Outputs (kept a while after the map ends)
         self.req = 0
+        self.warned = 0
 
     # -- building -----------------------------------------------------------------------------
 
@@ -91,7 +93,16 @@ class EngineBundles:
             return None
         records = [{"name": top, "kind": kind, "source": path, "detected": top not in explicit}
                    for top, (kind, path) in sorted(found.items())]
-        entries += _bundle.module_entries([(t, k, p) for t, (k, p) in sorted(found.items())])
+        mod_entries = _bundle.module_entries([(t, k, p) for t, (k, p) in sorted(found.items())])
+        auto = sum(e.size for e in mod_entries if e.path.split("/")[1].split(".")[0]
+                   not in explicit)
+        if auto > _BIG_DETECTED and auto != self.warned:
+            self.warned = auto
+            print(f"mpimap: shipping {_cache.human(auto)} of local modules detected from the "
+                  f"function's imports ({', '.join(t for t in found if t not in explicit)}). "
+                  f"Pass modules= yourself, or set MPIMAP_AUTO_MODULES=0, to choose what goes.",
+                  file=sys.stderr)
+        entries += mod_entries
         if self.builder is None:
             self.builder = _bundle.Builder()
         spec = [] if files is None else [os.fspath(f) for f in
@@ -396,10 +407,21 @@ class WorkerBundles:
                                     f"MPIMAP_CACHE_DIR.")
                 return
             handle = self.handles[bid] = _Handle(bid, path, fd)
+            self._trim(keep=bid)
         _cache.touch(os.path.dirname(os.path.dirname(os.path.dirname(path))), bid)
         key = meta.get("modules_key") or ""
         if key:
             self._activate_modules(key, handle.modules)
+
+    def _trim(self, keep, most=16) -> None:
+        """Let go of bundles this rank no longer uses (purge may then remove them)."""
+        if len(self.handles) <= most:
+            return
+        busy = {keep} | {(j.bundle or {}).get("id") for j in self.worker.jobs.values()}
+        if self.modules is not None:
+            busy |= {h.id for h in self.handles.values() if h.modules == self.modules[1]}
+        for bid in [b for b in self.handles if b not in busy][:len(self.handles) - most]:
+            os.close(self.handles.pop(bid).fd)
 
     def _activate_modules(self, key, path) -> None:
         """Put this bundle's modules/ first on sys.path. If the modules changed since the last

@@ -162,6 +162,7 @@ class Worker:
                 return
             if frame.kind == CANCEL:
                 self.cancelled.add(frame.meta)
+                self._wipe(frame.meta)
             else:
                 self.backlog.append(frame)
 
@@ -251,6 +252,7 @@ class Worker:
         if jid in self.cancelled or job is None:
             reply["cancelled"] = True
             self.ep.send(Frame(RESULT, reply))
+            self._wipe(jid)
             return
         if job.setup_error is not None:
             reply["setup"] = job.setup_error
