@@ -80,6 +80,13 @@ elif MODE == "plugins":
     except ModuleNotFoundError as exc:
         doc["without"] = "ModuleNotFoundError: " + str(exc)
     doc["with"] = mpimap.pmap(plugin, ["plugin_a", "plugin_b"], modules=["plugin_a", "plugin_b"])
+elif MODE == "slurm":
+    first = mpimap.pmap(task, names, files=["data"], chunksize=1)
+    second = mpimap.pmap(task, names, files=["data"], chunksize=1)
+    doc.update(first=first, second=second, log=log(),
+               expected={n: helpers.digest(open(n, "rb").read()) for n in names},
+               driver_node=os.environ.get("SLURMD_NODENAME"),
+               scratch_left=[r["scratch"] for r in first if os.path.exists(r["scratch"])])
 elif MODE == "late":
     try:
         mpimap.pmap(late, range(2), files=["data"], chunksize=1)
