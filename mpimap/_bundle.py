@@ -134,7 +134,7 @@ def resolve_files(spec, cwd: str, skip: tuple = ()) -> list[Entry]:
         items = list(spec)
     except TypeError:
         raise TypeError(f"files= must be a list of paths, not {type(spec).__name__}") from None
-    found: dict[str, str] = {}  # relative path -> absolute source
+    found: dict = {}  # relative path -> (absolute source, is a link), or None: a directory
     for item in items:
         given = _as_path(item, "files=")
         rel = os.path.normpath(given)
@@ -168,49 +168,52 @@ def _add_path(rel, cwd, found, skip, given):
         raise BundleError(f"files=: {rel!r} is a link to {os.readlink(full)!r}, which does not "
                           f"exist")
     if os.path.isdir(full):
-        seen = set()
-
-        def unreadable(exc):
-            raise BundleError(f"files=: the directory {os.path.relpath(exc.filename, cwd)!r} "
-                              f"cannot be read ({exc.strerror or exc})".replace(
-                                  "Permission denied", "permission denied"))
-
-        for dirpath, dirnames, filenames in os.walk(full, followlinks=True, onerror=unreadable):
-            real = os.path.realpath(dirpath)
-            if real in seen or any(real == s or real.startswith(s + os.sep) for s in skip):
-                dirnames[:] = []
-                continue
-            seen.add(real)
-            if not os.access(dirpath, os.R_OK | os.X_OK):
-                raise BundleError(f"files=: the directory {os.path.relpath(dirpath, cwd)!r} "
-                                  f"cannot be read (permission denied)")
-            drel = os.path.relpath(dirpath, cwd)
-            if drel != ".":
-                found.setdefault(drel, "")  # a directory
-            dirnames.sort()
-            for name in sorted(filenames):
-                p = os.path.join(dirpath, name)
-                r = os.path.relpath(p, cwd)
-                if os.path.islink(p) and not os.path.exists(p):
-                    raise BundleError(f"files=: {r!r} is a link to {os.readlink(p)!r}, which "
-                                      f"does not exist")
-                found[r] = p
+        _walk(full, rel, found, skip, set())
     else:
-        found[rel] = full
+        found[rel] = (full, os.path.islink(full))
+
+
+def _walk(full, rel, found, skip, seen):
+    """A directory, recursively, following links to directories once each (no cycles)."""
+    real = os.path.realpath(full)  # once per directory, not per file: it costs a few lstats
+    if real in seen or any(real == s or real.startswith(s + os.sep) for s in skip):
+        return
+    seen.add(real)
+    if rel != ".":
+        found.setdefault(rel, None)  # a directory
+    try:
+        with os.scandir(full) as it:
+            children = sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        raise BundleError(f"files=: the directory {rel!r} cannot be read "
+                          f"({(exc.strerror or str(exc)).replace('Permission', 'permission')})"
+                          ) from None
+    for e in children:
+        r = e.name if rel == "." else os.path.join(rel, e.name)
+        if e.is_symlink():
+            if not os.path.exists(e.path):
+                raise BundleError(f"files=: {r!r} is a link to {os.readlink(e.path)!r}, which "
+                                  f"does not exist")
+            if e.is_dir():
+                _walk(e.path, r, found, skip, seen)
+            else:
+                found[r] = (e.path, True)
+        elif e.is_dir(follow_symlinks=False):
+            _walk(e.path, r, found, skip, seen)
+        else:
+            found[r] = (e.path, False)
 
 
 def _entries_from(found: dict, cwd: str) -> list[Entry]:
     out = []
-    real_to_rel = {}
-    for rel, src in found.items():
-        if src:
-            real_to_rel.setdefault(os.path.realpath(src), rel)
+    real_cwd = None
     for rel in sorted(found):
-        src = found[rel]
+        v = found[rel]
         path = "files/" + rel.replace(os.sep, "/")
-        if not src:
+        if v is None:
             out.append(Entry(path, "dir"))
             continue
+        src, is_link = v
         try:
             st = os.stat(src)
         except OSError as exc:
@@ -220,13 +223,16 @@ def _entries_from(found: dict, cwd: str) -> list[Entry]:
                               f"pipe or socket cannot be bundled)")
         if not os.access(src, os.R_OK):
             raise BundleError(f"files=: {rel!r} cannot be read (permission denied)")
-        if os.path.islink(src):
+        if is_link:
             # A link to another bundled file stays a link (one copy of the bytes); any other
             # link is followed and its content shipped under the link's name.
-            other = real_to_rel.get(os.path.realpath(src))
-            if other is not None and other != rel and not os.path.islink(found[other]):
-                target = os.path.relpath(other, os.path.dirname(rel) or ".").replace(os.sep, "/")
-                out.append(Entry(path, "link", target=target))
+            real_cwd = real_cwd or os.path.realpath(cwd)
+            target = os.path.realpath(src)
+            other = os.path.relpath(target, real_cwd)
+            hit = found.get(other)
+            if hit and not hit[1] and other != rel and os.path.realpath(hit[0]) == target:
+                out.append(Entry(path, "link", target=os.path.relpath(
+                    other, os.path.dirname(rel) or ".").replace(os.sep, "/")))
                 continue
         out.append(Entry(path, "file", source=src, size=st.st_size,
                          mode=stat.S_IMODE(st.st_mode) & 0o777,
@@ -353,6 +359,10 @@ def check_manifest(man) -> list[dict]:
             if not isinstance(e.get("size"), int) or e["size"] < 0 or \
                     not isinstance(e.get("sha256"), str) or len(e["sha256"]) != 64:
                 raise BundleError(f"bad bundle entry {path!r}: size or sha256 missing")
+            mode = e.get("mode", "0644")
+            if not isinstance(mode, str) or not 3 <= len(mode) <= 4 or \
+                    any(c not in "01234567" for c in mode):
+                raise BundleError(f"bad bundle entry {path!r}: mode {mode!r}")
         out.append(e)
     return out
 
@@ -392,12 +402,33 @@ def verify_published(path: str, bid: str) -> str | None:
     return None
 
 
-def _finish_tree(top: str, entries: list, stamp_ns: int) -> None:
+def _ro_mode(mode: int) -> int:
+    return 0o555 if mode & 0o100 else 0o444
+
+
+def _create(dest: str, mode: int) -> int:
+    """A new file, read-only from birth (the descriptor is still writable): no chmod pass."""
+    return os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _ro_mode(mode))
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view.nbytes:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _seal_dirs(top: str, entries: list) -> None:
+    """Directories read-only (files already are), except ``top`` itself (see _cache.publish)."""
+    dirs = {"files", "modules"}
     for e in entries:
-        if e["type"] == "file":
-            p = os.path.join(top, *e["path"].split("/"))
-            os.utime(p, ns=(stamp_ns, stamp_ns))
-    _cache.make_readonly(top)
+        parts = e["path"].split("/")
+        for i in range(1, len(parts) + (e["type"] == "dir")):
+            dirs.add("/".join(parts[:i]))
+    for d in sorted(dirs, reverse=True):
+        p = os.path.join(top, *d.split("/"))
+        if os.path.isdir(p) and not os.path.islink(p):
+            os.chmod(p, 0o555)
 
 
 def _enospc(exc: OSError, where: str, what: str) -> BundleError:
@@ -460,8 +491,24 @@ class Builder:
         self.index = HashIndex(self.root)
         self.verified: dict[str, str] = {}  # id -> path checked in this process
         self.locks: dict[str, int] = {}  # id -> fd: rank 0 sends from it, purge must not remove
+        self.memo: dict = {}  # entries' stat signature -> Bundle
 
     def build(self, entries: list, spec: list, modules: list, detected: list) -> Bundle:
+        # The same paths with the same (size, mtime, inode) as a map before: the same bundle,
+        # without even hashing the manifest again (a file set used by many maps).
+        sig = (tuple((e.path, e.type, e.key, e.target) for e in entries),
+               json.dumps(modules, sort_keys=True))
+        hit = self.memo.get(sig)
+        if hit is not None and self._published(hit.id) == hit.path:
+            _cache.touch(self.root, hit.id)
+            return hit
+        bundle = self._build(entries, spec, modules, detected)
+        self.memo[sig] = bundle
+        while len(self.memo) > 32:
+            self.memo.pop(next(iter(self.memo)))
+        return bundle
+
+    def _build(self, entries, spec, modules, detected) -> Bundle:
         known = all(e.type != "file" or self.index.get(e.source, e.key) for e in entries)
         if known:
             for e in entries:
@@ -499,6 +546,7 @@ class Builder:
 
     def _stage_locally(self, entries, spec, modules, detected) -> Bundle:
         staging = _cache.new_staging(self.root, "build")
+        stamp = time.time_ns()  # every file's mtime: a later write shows (verify_published)
         try:
             try:
                 for e in entries:
@@ -510,18 +558,17 @@ class Builder:
                         os.symlink(e.target, dest)
                     else:
                         os.makedirs(os.path.dirname(dest), exist_ok=True)
-                        e.sha256, e.size = _copy_hashing(e.source, dest, e.path)
+                        e.sha256, e.size = _copy_hashing(e.source, dest, e.path, e.mode, stamp)
                         if _stat_key(e.source) == e.key:  # unchanged while we read it
                             self.index.put(e.source, e.key, e.sha256)
                 bid = content_id(entries, modules)
                 man = make_manifest(bid, entries, spec, modules, detected)
-                stamp = time.time_ns()
                 man["published"] = stamp
                 man["staged_by"] = {"rank": 0, "node": _cache.node_name(), "pid": os.getpid(),
                                     "how": "built from the source files"}
                 with open(os.path.join(staging, "manifest.json"), "w") as fh:
-                    json.dump(man, fh, indent=1)
-                _finish_tree(staging, man["entries"], stamp)
+                    json.dump(man, fh, separators=(",", ":"))
+                _seal_dirs(staging, man["entries"])
                 path, _ours = _cache.publish(staging, self.root, bid)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -544,22 +591,30 @@ def _stat_key(src):
     return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
 
 
-def _copy_hashing(src, dest, name) -> tuple[str, int]:
+def _copy_hashing(src, dest, name, mode, stamp) -> tuple[str, int]:
+    """Read ``src`` once: hash it and write the cached copy (read-only, mtime ``stamp``)."""
     h = hashlib.sha256()
     n = 0
     try:
-        fin = open(src, "rb")
+        fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise BundleError(f"files=: cannot read {name[6:] if name.startswith('files/') else name}"
                           f": {exc.strerror or exc}") from None
-    with fin, open(dest, "wb") as fout:
-        while True:
-            block = fin.read(_HASH_CHUNK)
-            if not block:
-                break
-            h.update(block)
-            fout.write(block)
-            n += len(block)
+    try:
+        fout = _create(dest, mode)
+        try:
+            while True:
+                block = os.read(fin, _HASH_CHUNK)
+                if not block:
+                    break
+                h.update(block)
+                _write_all(fout, block)
+                n += len(block)
+            os.utime(fout, ns=(stamp, stamp))
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)
     return h.hexdigest(), n
 
 
@@ -619,6 +674,7 @@ class Receiver:
         self.bad: list[str] = []
         self.received = 0
         self.staging = None
+        self.stamp = time.time_ns()
         try:
             self.entries = check_manifest(manifest)
             if manifest.get("id") != bid:
@@ -660,7 +716,7 @@ class Receiver:
     def _cleanup(self):
         if getattr(self, "fh", None) is not None:
             try:
-                self.fh.close()
+                os.close(self.fh)
             except OSError:
                 pass
         self.fh = None
@@ -670,7 +726,8 @@ class Receiver:
 
     def _close_file(self):
         if self.fh is not None:
-            self.fh.close()
+            os.utime(self.fh, ns=(self.stamp, self.stamp))
+            os.close(self.fh)
             e = self.files[self.cur]
             if self.hash.hexdigest() != e["sha256"]:
                 self.bad.append(e["path"])
@@ -685,7 +742,7 @@ class Receiver:
                 return
             e = self.files[self.cur]
             dest = os.path.join(self.staging, *e["path"].split("/"))
-            self.fh = open(dest, "wb")
+            self.fh = _create(dest, int(e.get("mode", "0644"), 8))
             self.hash = hashlib.sha256()
             self.left = e["size"]
             if self.left > 0:
@@ -702,7 +759,7 @@ class Receiver:
                     raise BundleError("more bytes arrived than the manifest lists")
                 take = min(self.left, view.nbytes)
                 part = view[:take]
-                self.fh.write(part)
+                _write_all(self.fh, part)
                 self.hash.update(part)
                 self.left -= take
                 view = view[take:]
@@ -729,13 +786,12 @@ class Receiver:
                 return None, self.bad, None
             for target, dest in self.links:
                 os.symlink(target, dest)
-            stamp = time.time_ns()
             man = dict(self.manifest)
-            man["published"] = stamp
+            man["published"] = self.stamp
             man["staged_by"] = self.origin
             with open(os.path.join(self.staging, "manifest.json"), "w") as fh:
-                json.dump(man, fh, indent=1)
-            _finish_tree(self.staging, self.files, stamp)
+                json.dump(man, fh, separators=(",", ":"))
+            _seal_dirs(self.staging, self.entries)
             path, _ours = _cache.publish(self.staging, self.root, self.bid)
             self.staging = None
             return path, [], None

@@ -123,22 +123,6 @@ def new_staging(root: str, bid: str) -> str:
     return tempfile.mkdtemp(prefix=f"{bid[:16]}.{node_name()}.{os.getpid()}.", dir=parent)
 
 
-def make_readonly(top: str) -> None:
-    """Files 0444 (0555 if executable), directories 0555 -- except ``top`` itself, which must stay
-    writable until it is renamed into place (moving a directory to another parent rewrites its
-    '..' entry, which needs write permission on it)."""
-    for dirpath, dirnames, filenames in os.walk(top):
-        for name in filenames:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            if stat.S_ISREG(st.st_mode):
-                os.chmod(p, 0o555 if st.st_mode & 0o100 else 0o444)
-        for name in dirnames:
-            p = os.path.join(dirpath, name)
-            if not os.path.islink(p):
-                os.chmod(p, 0o555)
-
-
 def publish(staging: str, root: str, bid: str) -> tuple[str, bool]:
     """Rename a complete staging directory into place: (path, True if ours is the one kept)."""
     final = bundle_dir(root, bid)
