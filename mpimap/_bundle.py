@@ -4,24 +4,27 @@
     modules=["mylib"] + detected local imports (_modules) ──────────────────────────────┤
                                                                                          ▼
       entries (bundle path, source, size, mode)  ── size+mtime+inode seen before? ── sha256 known
+                                                     no: read the file once to hash it
                                                                                          │
       manifest = entries + sha256 ──▶ content id = sha256(canonical JSON of the content part)
                                                                                          │
-      rank 0's node: already published under that id? yes ─▶ done (nothing read, nothing copied)
-                     no ─▶ read each file once: hash and copy into a staging directory in the
-                           same pass ─▶ manifest.json ─▶ read-only ─▶ rename into place (publish)
+      already published on rank 0's node? ── yes: nothing is read or copied
+                                          ── no: pieces of <= MPIMAP_BUNDLE_PIECE bytes of the
+                                             source files, in manifest order, go to the nodes
+                                             that miss the id AND into rank 0's own Receiver,
+                                             so every node writes its copy at the same time
                                                                                          │
-      other nodes ◀── pieces of <= MPIMAP_BUNDLE_PIECE bytes of the files' bytes in manifest
-                      order (big files: mmap views of rank 0's published copy, zero-copy)
-                      Receiver: validate the manifest first (no /abs, no .., links stay inside,
-                      no device files), write + hash each file as it arrives, compare with the
-                      manifest, publish atomically; mismatch -> the node re-receives
+      Receiver (each stager, and rank 0): validate the manifest first (no /abs, no .., links
+      stay inside, no device files), write + sha256 each file as it arrives (created read-only,
+      mtime = the publish stamp), compare with the manifest, publish with one rename; a
+      mismatch on a node -> that node re-receives (from rank 0's published, immutable copy);
+      on rank 0 -> a source file changed while it was bundled: an error
 
 Format, and why not tar.  A published bundle is a directory: ``manifest.json``, ``files/<the
 files= tree>`` and ``modules/<shipped modules>``.  On the wire it is the manifest plus the files'
-bytes back to back.  A tar stream would repeat the manifest, cost a copy of every byte on rank 0
-and hide the per-file checksums; the manifest already says everything tar headers would.
-Extraction checks every entry itself, with the rules of tarfile's "data" filter.
+bytes back to back.  A tar stream would repeat in its headers what the manifest says, and its
+extraction would still have to be checked entry by entry; here extraction checks every entry
+itself, with the rules of tarfile's "data" filter, and every file's sha256 as it is written.
 
 "Packed once".  The expensive part of a bundle is reading and hashing its files.  Rank 0 keeps a
 (path, size, mtime, inode) -> sha256 index in memory and in the cache (``hashes.json``), so a
@@ -40,7 +43,6 @@ import errno
 import glob
 import hashlib
 import json
-import mmap
 import os
 import platform
 import stat
@@ -55,7 +57,6 @@ __all__ = ["Bundle", "Builder", "Receiver", "check_manifest", "load_manifest", "
 
 FORMAT = 1
 _HASH_CHUNK = 1 << 20
-_MMAP_MIN = 1 << 20  # a piece that is one span of a file at least this big goes as an mmap view
 
 
 @dataclass
@@ -80,14 +81,16 @@ class Entry:
 
 @dataclass
 class Bundle:
-    """A bundle published on rank 0's node: what the engine hands around."""
+    """What the engine hands around: the id, the manifest, and where the bytes are on rank 0 --
+    its published copy (``path``), or until then the source files (``sources``)."""
 
     id: str
-    path: str
+    path: str | None
     manifest: dict
     modules_key: str = ""  # hash of the module entries only: "the workers' modules changed"
     has_files: bool = False
     top: list = field(default_factory=list)  # top-level names under files/
+    sources: dict = field(default_factory=dict)  # bundle path -> file on rank 0 (unpublished)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,7 +487,14 @@ class HashIndex:
 
 
 class Builder:
-    """Rank 0's bundle maker: resolve, hash (fast path), publish on rank 0's own node."""
+    """Rank 0's bundle maker: resolve, hash (fast path), publish on rank 0's own node.
+
+    ``build`` hashes what the index does not know (one read of each such file) and returns the
+    bundle, published on rank 0's node if it already is. Otherwise rank 0 publishes it while it
+    sends it (``local_receiver`` / ``finish_local``, driven by _stage): the same pieces go to
+    the nodes that miss it and into rank 0's own staging directory, so the nodes write their
+    copies at the same time as rank 0 writes its own.
+    """
 
     def __init__(self, root: str | None = None):
         self.root = root or _cache.cache_root()
@@ -493,32 +503,42 @@ class Builder:
         self.locks: dict[str, int] = {}  # id -> fd: rank 0 sends from it, purge must not remove
         self.memo: dict = {}  # entries' stat signature -> Bundle
 
-    def build(self, entries: list, spec: list, modules: list, detected: list) -> Bundle:
+    def build(self, entries: list, spec: list, modules: list, detected: list,
+              publish: bool = False) -> Bundle:
         # The same paths with the same (size, mtime, inode) as a map before: the same bundle,
         # without even hashing the manifest again (a file set used by many maps).
         sig = (tuple((e.path, e.type, e.key, e.target) for e in entries),
                json.dumps(modules, sort_keys=True))
-        hit = self.memo.get(sig)
-        if hit is not None and self._published(hit.id) == hit.path:
-            _cache.touch(self.root, hit.id)
-            return hit
-        bundle = self._build(entries, spec, modules, detected)
-        self.memo[sig] = bundle
-        while len(self.memo) > 32:
-            self.memo.pop(next(iter(self.memo)))
+        bundle = self.memo.get(sig)
+        if bundle is None or self._published(bundle.id) != bundle.path:
+            bundle = self._build(entries, spec, modules, detected)
+            self.memo[sig] = bundle
+            while len(self.memo) > 32:
+                self.memo.pop(next(iter(self.memo)))
+        elif bundle.path is not None:
+            _cache.touch(self.root, bundle.id)
+        if publish and bundle.path is None:
+            self.publish(bundle)
         return bundle
 
     def _build(self, entries, spec, modules, detected) -> Bundle:
-        known = all(e.type != "file" or self.index.get(e.source, e.key) for e in entries)
-        if known:
-            for e in entries:
-                if e.type == "file":
-                    e.sha256 = self.index.get(e.source, e.key)
-            bid = content_id(entries, modules)
-            path = self._published(bid)
-            if path is not None:
-                return self._bundle(bid, path, entries)
-        return self._stage_locally(entries, spec, modules, detected)
+        for e in entries:
+            if e.type == "file":
+                e.sha256 = self.index.get(e.source, e.key)
+                if not e.sha256:
+                    e.sha256, e.size = _hash_file(e.source, e.path)
+                    if _stat_key(e.source) == e.key:  # unchanged while we read it
+                        self.index.put(e.source, e.key, e.sha256)
+        self.index.save()
+        bid = content_id(entries, modules)
+        path = self._published(bid)
+        top = sorted({e.path.split("/")[1] for e in entries if e.path.startswith("files/")})
+        if path is not None:
+            self._hold(bid, path)
+            return Bundle(bid, path, load_manifest(path), modules_key(entries), bool(top), top)
+        return Bundle(bid, None, make_manifest(bid, entries, spec, modules, detected),
+                      modules_key(entries), bool(top), top,
+                      {e.path: e.source for e in entries if e.type == "file"})
 
     def _published(self, bid):
         if bid in self.verified:
@@ -534,53 +554,67 @@ class Builder:
             _cache.discard(self.root, bid)  # damaged: build it again
         return None
 
-    def _bundle(self, bid, path, entries) -> Bundle:
+    def _hold(self, bid, path):
         _cache.touch(self.root, bid)
         if bid not in self.locks:
             fd = _cache.lock_shared(path)
             if fd is not None:
                 self.locks[bid] = fd
-        man = load_manifest(path)
-        top = sorted({e.path.split("/")[1] for e in entries if e.path.startswith("files/")})
-        return Bundle(bid, path, man, modules_key(entries), bool(top), top)
 
-    def _stage_locally(self, entries, spec, modules, detected) -> Bundle:
-        staging = _cache.new_staging(self.root, "build")
-        stamp = time.time_ns()  # every file's mtime: a later write shows (verify_published)
-        try:
-            try:
-                for e in entries:
-                    dest = os.path.join(staging, *e.path.split("/"))
-                    if e.type == "dir":
-                        os.makedirs(dest, exist_ok=True)
-                    elif e.type == "link":
-                        os.makedirs(os.path.dirname(dest), exist_ok=True)
-                        os.symlink(e.target, dest)
-                    else:
-                        os.makedirs(os.path.dirname(dest), exist_ok=True)
-                        e.sha256, e.size = _copy_hashing(e.source, dest, e.path, e.mode, stamp)
-                        if _stat_key(e.source) == e.key:  # unchanged while we read it
-                            self.index.put(e.source, e.key, e.sha256)
-                bid = content_id(entries, modules)
-                man = make_manifest(bid, entries, spec, modules, detected)
-                man["published"] = stamp
-                man["staged_by"] = {"rank": 0, "node": _cache.node_name(), "pid": os.getpid(),
-                                    "how": "built from the source files"}
-                with open(os.path.join(staging, "manifest.json"), "w") as fh:
-                    json.dump(man, fh, separators=(",", ":"))
-                _seal_dirs(staging, man["entries"])
-                path, _ours = _cache.publish(staging, self.root, bid)
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise _enospc(exc, self.root, "building the bundle on rank 0's node") \
-                        from None
-                raise
-        finally:
-            if os.path.exists(staging):
-                _cache.remove_tree(staging)
-        self.index.save()
-        self.verified[bid] = path
-        return self._bundle(bid, path, entries)
+    def local_receiver(self, bundle: Bundle) -> "Receiver":
+        return Receiver(self.root, bundle.id, bundle.manifest,
+                        {"rank": 0, "node": _cache.node_name(), "pid": os.getpid(),
+                         "how": "built from the source files"}, where="rank 0's node")
+
+    def finish_local(self, bundle: Bundle, rec: "Receiver") -> str:
+        path, bad, err = rec.finish()
+        if err is not None:
+            raise err
+        if bad:
+            for p in bad:  # the index must not vouch for these any more
+                self.index.data.pop(bundle.sources.get(p, ""), None)
+            self.index.dirty = True
+            self.index.save()
+            raise BundleError(
+                f"files=: {_shown(bad[0])}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}"
+                f" changed while mpimap was bundling it (between hashing and copying). Do not "
+                f"write to files= inputs while a map starts; run the map again.")
+        bundle.path = path
+        bundle.sources = {}
+        self.verified[bundle.id] = path
+        self._hold(bundle.id, path)
+        return path
+
+    def publish(self, bundle: Bundle, size: int = 64 << 20) -> str:
+        """Publish on rank 0's node without sending anywhere."""
+        rec = self.local_receiver(bundle)
+        for piece in pieces(bundle, size):
+            rec.feed(piece)
+        return self.finish_local(bundle, rec)
+
+
+def _shown(path: str) -> str:
+    return path[6:] if path.startswith("files/") else path
+
+
+def _hash_file(src, name) -> tuple[str, int]:
+    """One read of a source file: (sha256, size)."""
+    h = hashlib.sha256()
+    n = 0
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BundleError(f"files=: cannot read {_shown(name)}: {exc.strerror or exc}") from None
+    try:
+        while True:
+            block = os.read(fd, _HASH_CHUNK)
+            if not block:
+                break
+            h.update(block)
+            n += len(block)
+    finally:
+        os.close(fd)
+    return h.hexdigest(), n
 
 
 def _stat_key(src):
@@ -591,83 +625,54 @@ def _stat_key(src):
     return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
 
 
-def _copy_hashing(src, dest, name, mode, stamp) -> tuple[str, int]:
-    """Read ``src`` once: hash it and write the cached copy (read-only, mtime ``stamp``)."""
-    h = hashlib.sha256()
-    n = 0
-    try:
-        fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise BundleError(f"files=: cannot read {name[6:] if name.startswith('files/') else name}"
-                          f": {exc.strerror or exc}") from None
-    try:
-        fout = _create(dest, mode)
-        try:
-            while True:
-                block = os.read(fin, _HASH_CHUNK)
-                if not block:
-                    break
-                h.update(block)
-                _write_all(fout, block)
-                n += len(block)
-            os.utime(fout, ns=(stamp, stamp))
-        finally:
-            os.close(fout)
-    finally:
-        os.close(fin)
-    return h.hexdigest(), n
-
-
 # ----------------------------------------------------------------------------------------------
 # Sending: the files' bytes in manifest order, in pieces
 
-def pieces(path: str, manifest: dict, size: int):
-    """Yield memoryviews of at most ``size`` bytes covering every file of a published bundle.
+def pieces(bundle: Bundle, size: int):
+    """Yield buffers of at most ``size`` bytes: every file's bytes, in manifest order.
 
-    A piece that falls inside one big file is a view of an mmap of rank 0's published copy (no
-    copy); small files are gathered into one buffer. The published copy never changes while it
-    is read: it is read-only and locked against purge.
+    Read from rank 0's published copy, or -- before it exists -- from the source files (which
+    rank 0 then publishes from the same pieces). Copies, not mmaps: a source file truncated
+    under an mmap would kill rank 0 with SIGBUS; a changed file instead fails its checksum.
+    Small files share a piece; the caller bounds how many pieces are in flight.
     """
-    files = [e for e in manifest["entries"] if e["type"] == "file" and e["size"] > 0]
-    buf = bytearray()
+    files = [e for e in bundle.manifest["entries"] if e["type"] == "file" and e["size"] > 0]
+    buf, fill = bytearray(size), 0
     for e in files:
-        p = os.path.join(path, *e["path"].split("/"))
-        n = e["size"]
-        with open(p, "rb") as fh:
-            if n >= _MMAP_MIN:
-                view = memoryview(mmap.mmap(fh.fileno(), n, prot=mmap.PROT_READ))
-                off = 0
-                if buf:
-                    take = min(size - len(buf), n)
-                    buf += view[:take]
-                    off = take
-                    if len(buf) == size:
-                        yield memoryview(buf)
-                        buf = bytearray()
-                while n - off >= size:
-                    yield view[off:off + size]
-                    off += size
-                if off < n:
-                    buf += view[off:]
-            else:
-                data = fh.read()
-                start = 0
-                while start < len(data):
-                    take = min(size - len(buf), len(data) - start)
-                    buf += data[start:start + take]
-                    start += take
-                    if len(buf) == size:
-                        yield memoryview(buf)
-                        buf = bytearray()
-    if buf:
-        yield memoryview(buf)
+        if bundle.path is not None:
+            src = os.path.join(bundle.path, *e["path"].split("/"))
+        else:
+            src = bundle.sources[e["path"]]
+        n, off = e["size"], 0
+        try:
+            fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise BundleError(f"cannot read {_shown(e['path'])} to send it: "
+                              f"{exc.strerror or exc}") from None
+        try:
+            while off < n:
+                take = min(size - fill, n - off)
+                got = os.preadv(fd, [memoryview(buf)[fill:fill + take]], off)
+                if got == 0:
+                    raise BundleError(f"files=: {_shown(e['path'])} became shorter while it was "
+                                      f"being sent (it changed on disk); run the map again")
+                fill += got
+                off += got
+                if fill == size:
+                    yield memoryview(buf)
+                    buf, fill = bytearray(size), 0
+        finally:
+            os.close(fd)
+    if fill:
+        yield memoryview(buf)[:fill]
 
 
 class Receiver:
     """A stager's side of one transfer: write pieces into a staging directory, verify, publish."""
 
-    def __init__(self, root: str, bid: str, manifest: dict, origin: dict):
+    def __init__(self, root: str, bid: str, manifest: dict, origin: dict, where: str = ""):
         self.root = root
+        self.where = where or f"node {_cache.node_name()}"
         self.bid = bid
         self.manifest = dict(manifest)
         self.error: BundleError | None = None
@@ -706,11 +711,11 @@ class Receiver:
     def _fail(self, exc: OSError):
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             self.error = _enospc(exc, self.root, f"receiving bundle {self.bid[:12]} "
-                                 f"({_cache.human(self.manifest.get('total_bytes', 0))}) on node "
-                                 f"{_cache.node_name()}")
+                                 f"({_cache.human(self.manifest.get('total_bytes', 0))}) on "
+                                 f"{self.where}")
         else:
-            self.error = BundleError(f"cannot write bundle {self.bid[:12]} on node "
-                                     f"{_cache.node_name()} in {self.root}: {exc}")
+            self.error = BundleError(f"cannot write bundle {self.bid[:12]} on {self.where} in "
+                                     f"{self.root}: {exc}")
         self._cleanup()
 
     def _cleanup(self):
@@ -747,6 +752,12 @@ class Receiver:
             self.left = e["size"]
             if self.left > 0:
                 return
+
+    def abort(self) -> None:
+        """The sender gave up half-way: drop the partial copy."""
+        if self.error is None:
+            self.error = BundleError("the transfer was abandoned by rank 0")
+        self._cleanup()
 
     def feed(self, data) -> None:
         if self.error is not None:

@@ -5,9 +5,11 @@
         -> _bundle.Builder: id, published on rank 0's node
     ensure(): stagers not yet known to hold the id:
         BUNDLE query(id) ───────────────────────────────────▶ published here and intact?
+            (rank 0's own node: once rank 0 has published there -- normally a hit)
         ◀── REPLY bundle have / path ─────────────────────────┘ (hit: nothing is sent)
         misses: BUNDLE begin(manifest) ─────────────────────▶ Receiver: validate entries
                 BUNDLE data × n (<= MPIMAP_BUNDLE_PIECE) ───▶ write + sha256 as they arrive
+                (the same pieces feed rank 0's own Receiver: all nodes write at once)
                 BUNDLE end ─────────────────────────────────▶ verify, publish (rename)
         ◀── REPLY bundle staged / bad files / error ──────────┘
         checksum mismatch: send again once, then BundleError naming the file and the node
@@ -147,8 +149,20 @@ class EngineBundles:
                     got[r] = None
         return got
 
+    def _rank0_group(self, groups):
+        """The key of the node group rank 0 sits on, if it has workers."""
+        session = getattr(self.engine.hub, "session", None)
+        leader = getattr(session, "node_leader", None)
+        key = leader[0] if leader else _cache.node_name()
+        return key if key in groups else None
+
     def ensure(self, bundle: _bundle.Bundle) -> dict:
-        """Every node with live workers holds ``bundle``; returns {stager: path}."""
+        """Every node with live workers holds ``bundle``; returns {stager: path}.
+
+        Rank 0's own node is asked only once rank 0 has published the bundle there (normally a
+        hit, so nothing travels to it); the other nodes are asked at once, and the pieces for
+        those that miss it are the pieces rank 0 publishes from.
+        """
         info = self.engine.hub.info
         record = {"id": bundle.id, "nodes": {}}
         sent_to: dict = {}
@@ -161,9 +175,12 @@ class EngineBundles:
                 if s not in todo:  # known from an earlier map: neither asked nor sent
                     record["nodes"].setdefault(info[s].node, {"stager": s, "hit": True,
                                                               "sent": 0, "asked": False})
-            if not todo:
+            local = bundle.path is None
+            mine = self._rank0_group(groups) if local else None
+            ask = [s for s in todo if stagers[s] != mine or mine is None]
+            if not ask and not local:
                 break
-            asked = self._ask(todo, lambda r: {"op": "query", "id": bundle.id})
+            asked = self._ask(ask, lambda r: {"op": "query", "id": bundle.id}) if ask else {}
             misses = []
             for r, meta in asked.items():
                 if meta is None:
@@ -176,13 +193,14 @@ class EngineBundles:
                                                               "sent": sent_to.get(r, 0)})
                 else:
                     misses.append(r)
-            while misses:
+            while misses or local:
                 for r in misses:
                     attempts[r] = attempts.get(r, 0) + 1
-                req, sent = self._send(misses, bundle)
+                req, sent = self._transfer(misses, bundle, local)
+                local = False
                 for r in misses:
                     sent_to[r] = sent_to.get(r, 0) + sent
-                replies = self._wait(set(misses), req)
+                replies = self._wait(set(misses), req) if misses else {}
                 misses = []
                 for r, meta in replies.items():
                     node = info[r].node
@@ -207,7 +225,9 @@ class EngineBundles:
         self.log.append(record)
         return {s: self.holds[s][bundle.id] for s in self.holds if bundle.id in self.holds[s]}
 
-    def _send(self, ranks, bundle) -> tuple[int, int]:
+    def _transfer(self, ranks, bundle, local: bool) -> tuple[int, int]:
+        """Send ``bundle`` to the stagers ``ranks`` and, with ``local``, publish it on rank 0's
+        node from the same pieces. At most a few pieces per stager are in flight."""
         hub = self.engine.hub
         self.req += 1
         req = self.req
@@ -216,14 +236,30 @@ class EngineBundles:
         for r in ranks:
             hub.send(r, Frame(BUNDLE, {"op": "begin", "id": bundle.id, "manifest": man,
                                        "origin": dict(origin, rank=r, node=hub.info[r].node)}))
+        rec = self.builder.local_receiver(bundle) if local else None
+        # MPIHub keeps a list of posted, unfinished sends (two entries per data frame).
+        limit = 8 + 8 * len(ranks)
         sent = 0
-        for piece in _bundle.pieces(bundle.path, man, knob("MPIMAP_BUNDLE_PIECE")):
-            packed = Packed(RAW, piece, [])
+        try:
+            for piece in _bundle.pieces(bundle, knob("MPIMAP_BUNDLE_PIECE")):
+                packed = Packed(RAW, piece, [])
+                for r in ranks:
+                    hub.send(r, Frame(BUNDLE, {"op": "data", "id": bundle.id}, [packed]))
+                if rec is not None:
+                    rec.feed(piece)
+                sent += piece.nbytes
+                while len(getattr(hub, "pending", ())) > limit:
+                    self.engine.progress(0.001)
+        except BaseException:
             for r in ranks:
-                hub.send(r, Frame(BUNDLE, {"op": "data", "id": bundle.id}, [packed]))
-            sent += piece.nbytes
+                hub.send(r, Frame(BUNDLE, {"op": "abort", "id": bundle.id}))
+            if rec is not None:
+                rec.abort()
+            raise
         for r in ranks:
             hub.send(r, Frame(BUNDLE, {"op": "end", "id": bundle.id, "req": req}))
+        if rec is not None:
+            self.builder.finish_local(bundle, rec)
         return req, sent
 
     def use(self, bundle: _bundle.Bundle) -> None:
@@ -351,7 +387,14 @@ class WorkerBundles:
             if path is not None:
                 _cache.touch(root, meta["id"])
             self._reply(meta, have=path is not None, path=path)
+        elif op == "abort":
+            rec = self.receiving.pop(meta["id"], None)
+            if isinstance(rec, _bundle.Receiver):
+                rec.abort()
         elif op == "begin":
+            old = self.receiving.pop(meta["id"], None)
+            if isinstance(old, _bundle.Receiver):
+                old.abort()
             try:
                 root = _cache.cache_root(self.node)
             except MpimapError as exc:

@@ -202,9 +202,8 @@ class Worker:
 
     def _wipe(self, jid):
         """A cancelled map's directories go now (its finished outputs were already sent)."""
-        job = self.jobs.get(jid)
-        if job is not None and job.dirs is not None:
-            job.dirs.remove()
+        if jid in self.jobs:
+            _task.remove_scratch(jid, self.ep.rank, self.ep.info.node)
 
     def _pool(self, frame):
         meta = frame.meta

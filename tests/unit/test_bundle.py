@@ -129,7 +129,7 @@ def test_unreadable_paths_are_bundle_errors_naming_them():
 
 def test_same_files_same_id_and_changed_content_new_id(project, cache):
     b = _bundle.Builder()
-    one = b.build(_bundle.resolve_files(["data"], str(project)), ["data"], [], [])
+    one = b.build(_bundle.resolve_files(["data"], str(project)), ["data"], [], [], publish=True)
     again = _bundle.Builder().build(_bundle.resolve_files(["data"], str(project)), [], [], [])
     assert one.id == again.id and len(one.id) == 64
     man = _bundle.load_manifest(one.path)
@@ -140,8 +140,9 @@ def test_same_files_same_id_and_changed_content_new_id(project, cache):
     assert man["python"] and man["mpimap"] and man["file_count"] == 3
     assert man["id"] == one.id and man["total_bytes"] == 8 + 8 + 4
     (project / "data" / "b.csv").write_text("x,y\n3,5\n")
-    changed = _bundle.Builder().build(_bundle.resolve_files(["data"], str(project)), [], [], [])
-    assert changed.id != one.id
+    changed = _bundle.Builder().build(_bundle.resolve_files(["data"], str(project)), [], [], [],
+                                      publish=True)
+    assert changed.id != one.id and again.path == one.path
     # the published copy is read-only and has the bundled bytes
     pub = os.path.join(changed.path, "files", "data", "b.csv")
     assert open(pub).read() == "x,y\n3,5\n" and not os.stat(pub).st_mode & 0o222
@@ -149,27 +150,30 @@ def test_same_files_same_id_and_changed_content_new_id(project, cache):
 
 
 def test_fast_path_reads_no_file_for_a_known_file_set(project, cache, monkeypatch):
-    first = _bundle.Builder().build(_bundle.resolve_files(["data"], str(project)), [], [], [])
+    first = _bundle.Builder().build(_bundle.resolve_files(["data"], str(project)), [], [], [],
+                                    publish=True)
     reads = []
-    real = _bundle._copy_hashing
-    monkeypatch.setattr(_bundle, "_copy_hashing", lambda *a: reads.append(a) or real(*a))
+    real = _bundle._hash_file
+    monkeypatch.setattr(_bundle, "_hash_file", lambda *a: reads.append(a) or real(*a))
     # a new process (new Builder) finds the hashes in the cache's index by size+mtime+inode
     second = _bundle.Builder().build(_bundle.resolve_files(["data"], str(project)), [], [], [])
-    assert second.id == first.id and reads == []
-    # a touched file is hashed again (and only because its stat changed)
+    assert second.id == first.id and second.path == first.path and reads == []
+    # a touched file is hashed again (only that one): same content, same id, already published
     os.utime(project / "data" / "a.csv", ns=(1, 1))
     third = _bundle.Builder().build(_bundle.resolve_files(["data"], str(project)), [], [], [])
-    assert third.id == first.id and len(reads) == 3  # same content: same id, rebuilt once
+    assert third.id == first.id and third.path == first.path
+    assert [a[1] for a in reads] == ["files/data/a.csv"]
 
 
 def test_damaged_published_copy_is_rebuilt(project, cache):
     b = _bundle.Builder()
-    one = b.build(_bundle.resolve_files(["data"], str(project)), [], [], [])
+    one = b.build(_bundle.resolve_files(["data"], str(project)), [], [], [], publish=True)
     victim = os.path.join(one.path, "files", "data", "a.csv")
     with open(victim, "w") as fh:  # root ignores the read-only mode
         fh.write("tampered")
     assert "was changed after it was published" in _bundle.verify_published(one.path, one.id)
-    fresh = _bundle.Builder().build(_bundle.resolve_files(["data"], str(project)), [], [], [])
+    fresh = _bundle.Builder().build(_bundle.resolve_files(["data"], str(project)), [], [], [],
+                                    publish=True)
     assert fresh.id == one.id and open(victim).read() == "x,y\n1,2\n"
     assert _bundle.verify_published(fresh.path, fresh.id) is None
 
@@ -177,9 +181,8 @@ def test_damaged_published_copy_is_rebuilt(project, cache):
 # -- transfer: pieces, receiver, safety ----------------------------------------------------------
 
 def _receive(root, bundle, piece, corrupt=None):
-    man = _bundle.load_manifest(bundle.path)
-    rec = _bundle.Receiver(str(root), bundle.id, man, {"test": True})
-    for i, view in enumerate(_bundle.pieces(bundle.path, man, piece)):
+    rec = _bundle.Receiver(str(root), bundle.id, bundle.manifest, {"test": True})
+    for i, view in enumerate(_bundle.pieces(bundle, piece)):
         data = bytearray(view)
         if corrupt == i:
             data[0] ^= 0xFF
@@ -319,9 +322,9 @@ def test_scratch_goes_under_slurm_tmpdir_unless_the_knob_says_otherwise(tmp_path
 
 def test_ls_purge_by_age_keep_what_is_in_use(project, cache):
     b = _bundle.Builder()
-    old = b.build(_bundle.resolve_files(["data"], str(project)), [], [], [])
-    new = b.build(_bundle.resolve_files(["cal.fits"], str(project)), [], [], [])
-    busy = b.build(_bundle.resolve_files(["data/sub"], str(project)), [], [], [])
+    old = b.build(_bundle.resolve_files(["data"], str(project)), [], [], [], publish=True)
+    new = b.build(_bundle.resolve_files(["cal.fits"], str(project)), [], [], [], publish=True)
+    busy = b.build(_bundle.resolve_files(["data/sub"], str(project)), [], [], [], publish=True)
     root = str(cache)
     ten_days = time.time() - 10 * 86400
     for bid in (old.id, busy.id):
@@ -372,7 +375,8 @@ def test_cli_cache_ls_purge_and_bundle_inspect(project, cache, capsys):
     from mpimap import cli
 
     builder = _bundle.Builder()
-    one = builder.build(_bundle.resolve_files(["data"], str(project)), ["data"], [], [])
+    one = builder.build(_bundle.resolve_files(["data"], str(project)), ["data"], [], [],
+                        publish=True)
     assert cli.main(["cache", "ls", "--sort", "size"]) == 0
     out = capsys.readouterr().out
     assert one.id[:12] in out and "1 bundle, 20 B in all" in out and str(cache) in out

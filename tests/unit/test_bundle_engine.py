@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import threading
 import time
 
 import pytest
@@ -38,6 +39,11 @@ def two_nodes(make_engine):
 def read(name):
     with open(name) as fh:
         return fh.read(), mpimap.task().rank
+
+
+def on_a_worker():
+    """True in a worker thread of the in-process transport (not rank 0's own copy)."""
+    return threading.current_thread().name.startswith("mpimap-inproc")
 
 
 def until(cond, timeout=10.0):
@@ -176,7 +182,7 @@ def test_a_damaged_transfer_is_received_again(project, two_nodes, monkeypatch):
     damaged = []
 
     def flaky(self, data):
-        if not damaged:
+        if not damaged and on_a_worker():
             data = bytearray(data)
             data[0] ^= 1
             damaged.append(1)
@@ -193,14 +199,31 @@ def test_a_transfer_damaged_every_time_fails_naming_file_and_node(project, two_n
     real = _bundle.Receiver.feed
 
     def broken(self, data):
-        data = bytearray(data)
-        data[0] ^= 1
+        if on_a_worker():
+            data = bytearray(data)
+            data[0] ^= 1
         return real(self, data)
 
     monkeypatch.setattr(_bundle.Receiver, "feed", broken)
     with pytest.raises(BundleError, match=r"data/f0.txt of bundle \w+ failed its sha256 check "
                                           r"on node (a|b) \(rank (1|3)\) twice"):
         mpimap.pmap(read, ["data/f1.txt"], files=["data"])
+
+
+def test_a_source_file_changing_while_bundled_is_an_error_naming_it(project, two_nodes,
+                                                                   monkeypatch):
+    real = _bundle.Builder.local_receiver
+
+    def changed_after_hashing(self, bundle):
+        with open("data/f3.txt", "r+") as fh:  # rank 0 hashed it; now it changes in place
+            fh.write("CONTENT")
+        return real(self, bundle)
+
+    monkeypatch.setattr(_bundle.Builder, "local_receiver", changed_after_hashing)
+    with pytest.raises(BundleError, match="data/f3.txt changed while mpimap was bundling it"):
+        mpimap.pmap(read, ["data/f1.txt"], files=["data"])
+    monkeypatch.setattr(_bundle.Builder, "local_receiver", real)
+    assert mpimap.pmap(read, ["data/f3.txt"], files=["data"])[0][0] == "CONTENT 3\n"
 
 
 def test_serial_mode_checks_files_and_runs_in_cwd(project, monkeypatch):
