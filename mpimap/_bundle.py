@@ -588,7 +588,7 @@ class Builder:
     def publish(self, bundle: Bundle, size: int = 64 << 20) -> str:
         """Publish on rank 0's node without sending anywhere."""
         rec = self.local_receiver(bundle)
-        for piece in pieces(bundle, size):
+        for piece in pieces(bundle, size, busy=set):
             rec.feed(piece)
         return self.finish_local(bundle, rec)
 
@@ -628,16 +628,30 @@ def _stat_key(src):
 # ----------------------------------------------------------------------------------------------
 # Sending: the files' bytes in manifest order, in pieces
 
-def pieces(bundle: Bundle, size: int):
+def pieces(bundle: Bundle, size: int, busy=None):
     """Yield buffers of at most ``size`` bytes: every file's bytes, in manifest order.
 
     Read from rank 0's published copy, or -- before it exists -- from the source files (which
     rank 0 then publishes from the same pieces). Copies, not mmaps: a source file truncated
     under an mmap would kill rank 0 with SIGBUS; a changed file instead fails its checksum.
     Small files share a piece; the caller bounds how many pieces are in flight.
+
+    ``busy()``: ids of the buffers still referenced by unfinished sends; the others are reused
+    (touching fresh memory costs page faults -- seconds per GiB on some machines). Without it
+    no buffer is reused.
     """
     files = [e for e in bundle.manifest["entries"] if e["type"] == "file" and e["size"] > 0]
-    buf, fill = bytearray(size), 0
+    spent: list = []
+
+    def fresh():
+        if busy is not None:
+            held = busy()
+            for i, old in enumerate(spent):
+                if id(old) not in held:
+                    return spent.pop(i)
+        return bytearray(size)
+
+    buf, fill = fresh(), 0
     for e in files:
         if bundle.path is not None:
             src = os.path.join(bundle.path, *e["path"].split("/"))
@@ -660,7 +674,8 @@ def pieces(bundle: Bundle, size: int):
                 off += got
                 if fill == size:
                     yield memoryview(buf)
-                    buf, fill = bytearray(size), 0
+                    spent.append(buf)
+                    buf, fill = fresh(), 0
         finally:
             os.close(fd)
     if fill:

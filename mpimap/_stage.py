@@ -237,11 +237,16 @@ class EngineBundles:
             hub.send(r, Frame(BUNDLE, {"op": "begin", "id": bundle.id, "manifest": man,
                                        "origin": dict(origin, rank=r, node=hub.info[r].node)}))
         rec = self.builder.local_receiver(bundle) if local else None
-        # MPIHub keeps a list of posted, unfinished sends (two entries per data frame).
+        # MPIHub keeps a list of posted, unfinished sends (two entries per data frame); the
+        # in-process transport copies at once (no list: every buffer is free again).
         limit = 8 + 8 * len(ranks)
+
+        def in_use():
+            return {id(getattr(b, "obj", b)) for _r, b in getattr(hub, "pending", ())}
+
         sent = 0
         try:
-            for piece in _bundle.pieces(bundle, knob("MPIMAP_BUNDLE_PIECE")):
+            for piece in _bundle.pieces(bundle, knob("MPIMAP_BUNDLE_PIECE"), busy=in_use):
                 packed = Packed(RAW, piece, [])
                 for r in ranks:
                     hub.send(r, Frame(BUNDLE, {"op": "data", "id": bundle.id}, [packed]))

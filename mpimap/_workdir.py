@@ -219,6 +219,17 @@ def explain(exc: BaseException, dirs: JobDirs | None) -> BaseException:
     return exc
 
 
+def _missing(path: str) -> bool:
+    """Only a path that does not exist (not one we may not read: open says that itself)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def _audit(event, args):
     if event != "open":
         return
@@ -234,7 +245,7 @@ def _audit(event, args):
     if isinstance(path, bytes):
         path = os.fsdecode(path)
     if (flags & os.O_ACCMODE) == os.O_RDONLY and not flags & os.O_CREAT:
-        if not os.path.isabs(path) and not os.path.exists(path):
+        if not os.path.isabs(path) and _missing(path):
             if dirs.work is not None:
                 text = (f"No such file or directory in the task's working directory: {path!r} is "
                         f"not in this map's bundle. Add it to files= (paths relative to rank 0's "

@@ -67,14 +67,16 @@ def test_files_and_detected_modules_reach_workers_that_cannot_import_them(projec
 
 
 def test_a_node_with_its_own_cache_receives_the_bundle_over_mpi(project, tmp_path):
-    # The workers' cache differs from rank 0's: the bundle travels to the node's stager.
+    # The workers' cache differs from rank 0's: the bundle travels to the node's stager, in
+    # many small pieces sent as bulk messages (their buffers are reused once sent).
+    small = {"MPIMAP_BUNDLE_PIECE": "1K", "MPIMAP_INLINE_MAX": "256"}
     wrapper = tmp_path / "rank_env.sh"
     wrapper.write_text(f'#!/bin/sh\n[ "$PMI_RANK" = 0 ] || export MPIMAP_CACHE_DIR='
                        f'{tmp_path}/worker-cache\nexec "$@"\n')
     wrapper.chmod(0o755)
     res = run_cmd([mpiexec(), "-n", 3, str(wrapper), sys.executable, "-m", "mpimap",
                    str(SCRIPTS / "bundle_project.py"), "basic"], cwd=project, timeout=120,
-                  env={"MPIMAP_CACHE_DIR": str(tmp_path / "cache")})
+                  env={"MPIMAP_CACHE_DIR": str(tmp_path / "cache"), **small})
     assert res.rc == 0, res
     doc = json.loads(res.out.strip().splitlines()[-1])
     (node,) = doc["log"][0]["nodes"].values()
