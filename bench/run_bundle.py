@@ -149,7 +149,10 @@ def section(results, reps):
         f"Run {datetime.date.today().isoformat()} with `python bench/run_bundle.py` on "
         f"{machine()}. **3 ranks** in every job (rank 0 drives, 2 compute). Each figure is the "
         f"median of {reps} repetitions; every time is one MPI job's own measurement (launch not "
-        "included). The source files sit in the page cache (they are read every repetition).",
+        "included). The source files sit in the page cache (they are read every repetition). "
+        "Other engineers' jobs shared this 2-core machine during the run (load average about "
+        "4), so absolute times are noisy; the repetitions of both sides alternate, so the "
+        "ratios (raw / mpimap: above 1, mpimap is faster) compare like with like.",
         "",
         "* **mpimap, first map** -- every node's cache empty: rank 0 reads and hashes the files, "
         "asks each node's stager, and sends one copy to each node that misses it while it "
