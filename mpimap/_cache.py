@@ -100,10 +100,21 @@ def scratch_base(node: str | None = None) -> tuple[str, str]:
     return tempfile.gettempdir(), "the system temporary directory (move it with MPIMAP_SCRATCH_DIR)"
 
 
+_roots: dict = {}  # scratch roots this process has checked, by what decides them
+
+
 def scratch_root(node: str | None = None) -> str:
-    base, _why = scratch_base(node)
-    return secure_dir(os.path.join(base, f"mpimap-{os.geteuid()}"), "MPIMAP_SCRATCH_DIR",
-                      error=MpimapError)
+    """The per-user scratch root, created and checked once per process: every rank asks for it
+    at every map, which must stay cheap (a warm pool maps thousands of times a second)."""
+    key = (node or node_name(), os.environ.get("MPIMAP_SCRATCH_DIR"),
+           os.environ.get("SLURM_TMPDIR"), os.environ.get("TMPDIR"))
+    path = _roots.get(key)
+    if path is None:
+        base, _why = scratch_base(node)
+        path = secure_dir(os.path.join(base, f"mpimap-{os.geteuid()}"), "MPIMAP_SCRATCH_DIR",
+                          error=MpimapError)
+        _roots[key] = path
+    return path
 
 
 # ----------------------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ class TaskInfo:
     job: int
     _node: str | None = None
     _scratch_job: object = None
+    _dirs: object = None  # the worker's JobDirs: told that scratch was used
 
     @property
     def scratch(self) -> str:
@@ -91,6 +92,8 @@ class TaskInfo:
         ends (also after an error). Under $SLURM_TMPDIR when set; MPIMAP_SCRATCH_DIR moves it."""
         job = self.job if self._scratch_job is None else self._scratch_job
         path = scratch_dir(job, self.rank, self._node)
+        if self._dirs is not None:
+            self._dirs.used = True
         try:
             os.makedirs(path, mode=0o700, exist_ok=True)
         except OSError as exc:
@@ -118,10 +121,11 @@ def remove_scratch(job, rank: int, node: str | None = None) -> None:
     from ._cache import remove_tree, scratch_root
 
     try:
-        root = scratch_root(node)
+        path = os.path.join(scratch_root(node), f"r{rank}-{os.getpid()}", f"j{job}")
     except Exception:
         return
-    remove_tree(os.path.join(root, f"r{rank}-{os.getpid()}", f"j{job}"))
+    if os.path.lexists(path):
+        remove_tree(path)
 
 
 def remove_rank_dir(rank: int, node: str | None = None) -> None:
@@ -149,7 +153,7 @@ def task() -> TaskInfo:
         raise MpimapError("mpimap.task() is only available inside a function that pmap, imap or "
                           "a Pool is running")
     return TaskInfo(s.index, s.rank, s.size, s.node, s.host, s.job,
-                    getattr(s.dirs, "node", None), s.scratch_job)
+                    getattr(s.dirs, "node", None), s.scratch_job, s.dirs)
 
 
 def rng():

@@ -59,6 +59,7 @@ class JobDirs:
         self.links = set(top)
         self.records: list = []
         self.seq = 0
+        self.used = False  # mpimap.task().scratch was asked for
         if self.work is not None:
             try:
                 os.makedirs(self.work, mode=0o700)
@@ -81,7 +82,14 @@ class JobDirs:
     def out(self) -> str:
         return os.path.join(self.base, "out")
 
+    def touched(self) -> bool:
+        """Is there anything on disk to remove? Known without a system call: a map without
+        files= has a directory only once a task asked for its scratch."""
+        return self.work is not None or self.used
+
     def exists(self) -> bool:
+        if not self.touched():
+            return False
         try:
             return os.path.isdir(self.base)
         except Exception:

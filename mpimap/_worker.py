@@ -196,13 +196,15 @@ class Worker:
         for pid in meta.get("pools", ()):
             self.overlays.pop(pid, None)
         for jid in meta.get("forget", ()):
-            self.jobs.pop(jid, None)
+            job = self.jobs.pop(jid, None)
             self.cancelled.discard(jid)
-            _task.remove_scratch(jid, self.ep.rank, self.ep.info.node)
+            if job is not None and job.dirs is not None and job.dirs.touched():
+                _task.remove_scratch(jid, self.ep.rank, self.ep.info.node)
 
     def _wipe(self, jid):
         """A cancelled map's directories go now (its finished outputs were already sent)."""
-        if jid in self.jobs:
+        job = self.jobs.get(jid)
+        if job is not None and job.dirs is not None and job.dirs.touched():
             _task.remove_scratch(jid, self.ep.rank, self.ep.info.node)
 
     def _pool(self, frame):
