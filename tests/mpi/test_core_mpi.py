@@ -156,7 +156,7 @@ def test_mpimap_run_dry_run_prints_the_launcher_command(run_mpi):
 
     out = subprocess.run([sys.executable, "-m", "mpimap.cli", "run", "-n", "3", "--dry-run",
                           "exitcode.py", "0"], capture_output=True, text=True,
-                         cwd=str(__import__("conftest").SCRIPTS)).stdout
+                         cwd=str(EXAMPLES.parent / "tests" / "scripts")).stdout
     assert "-n 3" in out and "-m mpimap" in out and "exitcode.py 0" in out
 
 
