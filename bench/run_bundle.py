@@ -211,7 +211,8 @@ def section(results, reps):
         "<details><summary>raw measurements</summary>",
         "",
         "```json",
-        json.dumps(results, indent=1),
+        "\n".join(json.dumps({layout: {case: runs}}) for layout, cases in results.items()
+                  for case, runs in cases.items()),
         "```",
         "</details>",
         END,
@@ -231,7 +232,10 @@ def main():
     if args.render_only:
         old = RESULTS.read_text()
         body = old.split(BEGIN, 1)[1].split(END, 1)[0]
-        results = json.loads(body.split("```json\n", 1)[1].split("\n```", 1)[0])
+        results: dict = {}
+        for line in body.split("```json\n", 1)[1].split("\n```", 1)[0].splitlines():
+            for layout, cases in json.loads(line).items():
+                results.setdefault(layout, {}).update(cases)
         reps = len(next(iter(next(iter(results.values())).values()))["cold"])
         head, rest = old.split(BEGIN, 1)
         RESULTS.write_text(head + section(results, reps) + rest.split(END, 1)[1])

@@ -2,7 +2,8 @@
 
     rank 0 (EngineBundles)                                   one stager per node (WorkerBundles)
     prepare(): files= + modules= + detected imports
-        -> _bundle.Builder: id, published on rank 0's node
+        -> _bundle.Builder: id (hashing only files its index does not know); already
+           published on rank 0's node, or to be published there during the transfer
     ensure(): stagers not yet known to hold the id:
         BUNDLE query(id) ───────────────────────────────────▶ published here and intact?
             (rank 0's own node: once rank 0 has published there -- normally a hit)
