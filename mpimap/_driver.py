@@ -13,6 +13,13 @@ Data flow of one map:
     lost worker (lifeline closed) ──▶ WorkerLostError naming the rank, host and items it held
     end of map: DROP per-map objects and forget the job on the workers that saw it
 
+    files= / modules= / local imports the function makes (_stage, before anything is placed):
+        bundle built or found on rank 0's node ──▶ one stager per node: query; send on a miss
+        ──▶ every worker: BUNDLE use (modules on sys.path before the function loads)
+        ──▶ TASK spec["bundle"]: tasks run in a per-rank working directory
+        RESULT outputs (files tasks created) ──▶ written under rank 0's cwd, even for a
+        cancelled map; two items creating one path ──▶ BundleError naming both
+
 Several maps can be open at once (two imap generators consumed in turn): results are routed by job
 id, and chunks of a cancelled map that were already running come back and are dropped.
 """
@@ -25,8 +32,8 @@ from collections import OrderedDict
 
 from . import _serial, _task
 from ._env import knob
-from ._errors import (MpimapError, RemoteError, SerializationError, WorkerLostError,
-                      attach_remote)
+from ._errors import (BundleError, MpimapError, RemoteError, SerializationError,
+                      WorkerLostError, attach_remote)
 from ._schedule import ChunkPlanner, ItemSource
 from ._transport import (CANCEL, DROP, POOL, PUT, RELEASE, REPLY, RESULT, SHUTDOWN, TASK, Frame)
 
@@ -62,7 +69,7 @@ class _WorkerState:
 
 
 class _Object:
-    __slots__ = ("id", "packed", "role", "what", "job", "per_item")
+    __slots__ = ("id", "packed", "role", "what", "job", "per_item", "detected", "modules_key")
 
     def __init__(self, oid, packed, role, what, job=None):
         self.id = oid
@@ -71,6 +78,8 @@ class _Object:
         self.what = what
         self.job = job
         self.per_item = None  # code: seconds per item measured in its last map
+        self.detected = None  # code: local modules it imports (_modules.detect), once
+        self.modules_key = None  # code: the shipped modules it was loaded with
 
 
 class Job:
@@ -124,7 +133,36 @@ class Engine:
         # Knobs are read once, when the engine starts (they sit on the hot path of every map).
         self.cfg = {name: knob(name) for name in (
             "MPIMAP_CODE_CACHE", "MPIMAP_BCAST_MIN", "MPIMAP_CHUNK_SECONDS", "MPIMAP_PREFETCH",
-            "MPIMAP_READ_AHEAD", "MPIMAP_SPIN")}
+            "MPIMAP_READ_AHEAD", "MPIMAP_SPIN", "MPIMAP_AUTO_MODULES")}
+        self._bundles = None
+
+    @property
+    def bundles(self):
+        """files=/modules= staging and task outputs (_stage), made on first use."""
+        if self._bundles is None:
+            from ._stage import EngineBundles
+
+            self._bundles = EngineBundles(self)
+        return self._bundles
+
+    def _bundle_for(self, funcs, code, cached, files, modules):
+        """The bundle a map (or a pool's initializer) needs, staged on every node; or None."""
+        detected = ()
+        if self.cfg["MPIMAP_AUTO_MODULES"]:
+            from ._modules import detect
+
+            if code is None:
+                detected = detect(funcs)
+            else:
+                if not cached or code.detected is None:
+                    code.detected = detect(funcs)
+                detected = code.detected
+        if files is None and modules is None and not detected:
+            return None
+        bundle = self.bundles.prepare(files, modules, detected)
+        if bundle is not None:
+            self.bundles.stage(bundle)
+        return bundle
 
     # -- workers ---------------------------------------------------------------------------------
 
@@ -216,6 +254,7 @@ class Engine:
             common_obj = self.data_object(common, "common", "the Pool's common data")
             self._place(common_obj)
         if initializer is not None:
+            self._bundle_for([initializer], None, False, None, None)
             init = self._new_object(_serial.dumps_code((initializer, tuple(initargs)),
                                                        "the Pool initializer"),
                                     "code", "the Pool initializer")
@@ -254,11 +293,21 @@ class Engine:
 
     def start(self, func, iterables, *, common_obj=None, per_map_common=None,
               has_common=False, pool=None, chunksize=None, ordered=True, errors="raise",
-              progress=False, seed=None, lazy=False) -> Job:
+              progress=False, seed=None, lazy=False, files=None, modules=None) -> Job:
         self._require_workers()
         source = ItemSource(iterables)
         jid = next(self._ids)
-        func_obj, _cached = self.code_object(func, _what_func(func))
+        func_obj, cached = self.code_object(func, _what_func(func))
+        # Before anything is placed on the workers: the function may import shipped modules.
+        bundle = self._bundle_for([func], func_obj, cached, files, modules)
+        if bundle is not None and bundle.modules_key:
+            if cached and func_obj.modules_key not in (None, bundle.modules_key):
+                # The copy on the workers was loaded with other versions of those modules.
+                detected = func_obj.detected
+                self._drop_everywhere(func_obj.id, now=False)
+                func_obj, cached = self.code_object(func, _what_func(func))
+                func_obj.detected = detected
+            func_obj.modules_key = bundle.modules_key
         per_map = []
         if func_obj.job == "once":
             per_map.append(func_obj.id)
@@ -268,7 +317,11 @@ class Engine:
         spec = {"job": jid, "func": func_obj.id,
                 "common": None if common_obj is None else common_obj.id,
                 "pool": pool, "seed": seed, "nargs": source.nargs,
-                "fail_fast": errors == "raise"}
+                "fail_fast": errors == "raise",
+                "bundle": None if bundle is None else {"id": bundle.id, "files": bundle.has_files,
+                                                       "top": bundle.top}}
+        if bundle is not None and bundle.has_files:
+            self.bundles.open_job(jid)
         planner = ChunkPlanner(self.nworkers, chunksize,
                                target_seconds=self.cfg["MPIMAP_CHUNK_SECONDS"],
                                prefetch=self.cfg["MPIMAP_PREFETCH"],
@@ -374,8 +427,18 @@ class Engine:
         w = self.workers[rank]
         jid, cid = meta["job"], meta["chunk"]
         w.inflight.pop((jid, cid), None)
+        clash = None
+        if meta.get("outputs"):  # files tasks created: kept even when the map is over
+            n = sum(1 for rec in meta["outputs"] if rec[5])
+            clash = self.bundles.write_outputs(jid, rank, meta["outputs"],
+                                               frame.payloads[len(frame.payloads) - n:] if n
+                                               else [])
         job = self.jobs.get(jid)
         if job is None or job.closed or meta.get("cancelled"):
+            if clash is not None:
+                import sys
+
+                print(f"mpimap: {clash}", file=sys.stderr)
             return
         entry = job.outstanding.pop(cid, None)
         if entry is None:
@@ -383,6 +446,12 @@ class Engine:
         _rank, start, n = entry
         if meta.get("setup"):
             self._fail(job, SerializationError(meta["setup"]))
+            return
+        if meta.get("bundle_error"):
+            self._fail(job, BundleError(meta["bundle_error"]))
+            return
+        if clash is not None:
+            self._fail(job, clash)
             return
         job.planner.record_time(n, meta["seconds"])
         if meta.get("scratch"):
@@ -425,6 +494,8 @@ class Engine:
         if w is None or not w.alive or w.stopped:
             return  # a worker that acknowledged SHUTDOWN may close its lifeline: not a loss
         w.alive = False
+        if self._bundles is not None:
+            self._bundles.lost(rank)
         held: dict = {}
         for (jid, _cid), (start, n) in w.inflight.items():
             held.setdefault(jid, []).extend(range(start, start + n))

@@ -54,6 +54,18 @@ def _bytes(text):
     return value
 
 
+def _path_template(text):
+    """A directory; may hold {node}. Relative paths would differ between ranks: refused."""
+    text = os.path.expanduser(text.strip())
+    if not text:
+        return ""
+    if "{" in text.replace("{node}", ""):
+        raise ValueError("the only placeholder is {node}")
+    if not os.path.isabs(text):
+        raise ValueError("must be an absolute path")
+    return text
+
+
 def _choice(*choices):
     def parse(text):
         value = text.strip().lower()
@@ -103,6 +115,17 @@ KNOBS = {
              "the MPI library's prefix, or on PATH)"),
         Knob("MPIMAP_NO_LAUNCH_CHECK", False, _bool,
              "skip the check that the launcher and mpi4py's MPI library agree on the world size"),
+        Knob("MPIMAP_CACHE_DIR", "", _path_template,
+             "node-local directory that keeps files=/modules= bundles between jobs (default "
+             "/tmp/mpimap-<uid>; {node} is replaced by the node name)"),
+        Knob("MPIMAP_SCRATCH_DIR", "", _path_template,
+             "node-local directory for the per-rank working and scratch directories (default "
+             "$SLURM_TMPDIR when set, else the system temporary directory; {node} is replaced "
+             "by the node name)"),
+        Knob("MPIMAP_BUNDLE_PIECE", 64 << 20, _bytes,
+             "bundles travel to the nodes in pieces of this size (a stager holds one in memory)"),
+        Knob("MPIMAP_AUTO_MODULES", True, _bool,
+             "ship the local modules a mapped function imports from your source tree"),
     ]
 }
 

@@ -15,10 +15,6 @@ class NotAvailableError(MpimapError, NotImplementedError):
 
 
 _LATER = {
-    "files": "file bundles (files=) are not available yet in this version of mpimap; "
-             "until they are, open files by absolute path on a filesystem every node sees",
-    "modules": "shipping local modules (modules=) is not available yet in this version of "
-               "mpimap; until it is, make the modules importable on every node (same sys.path)",
     "checkpoint": "checkpoints (checkpoint=) are not available yet in this version of mpimap; "
                   "until they are, save results yourself as they arrive from imap()",
 }
@@ -26,9 +22,9 @@ _LATER = {
 
 def _check(func, errors, ordered, seed, progress, files=None, modules=None, checkpoint=None,
            chunksize=None):
-    for name, value in (("files", files), ("modules", modules), ("checkpoint", checkpoint)):
-        if value is not None:
-            raise NotAvailableError(_LATER[name])
+    if checkpoint is not None:
+        raise NotAvailableError(_LATER["checkpoint"])
+    _check_bundle_args(files, modules)
     if not callable(func):
         raise TypeError(f"the function to map must be callable; got {type(func).__name__}")
     if errors not in ("raise", "return"):
@@ -48,6 +44,21 @@ def _check(func, errors, ordered, seed, progress, files=None, modules=None, chec
     return None if seed is None else int(seed)
 
 
+def _check_bundle_args(files, modules):
+    """Types only; paths and modules are checked where the map runs (_stage / serial)."""
+    import os
+    import types
+
+    for name, value, ok in (("files", files, (str, os.PathLike)),
+                            ("modules", modules, (str, types.ModuleType))):
+        if value is None or isinstance(value, ok):
+            continue
+        if isinstance(value, (bytes, dict)) or not hasattr(value, "__iter__"):
+            raise TypeError(f"{name}= must be a list of "
+                            f"{'paths' if name == 'files' else 'module names'}, not "
+                            f"{type(value).__name__}")
+
+
 def pmap(func, iterable, *iterables, common=None, files=None, modules=None, chunksize=None,
          ordered=True, errors="raise", progress=False, checkpoint=None, seed=None):
     """Map ``func`` over the inputs in parallel; returns the list of results.
@@ -60,6 +71,12 @@ def pmap(func, iterable, *iterables, common=None, files=None, modules=None, chun
     ``mpimap.rng()`` inside a task depend on (seed, item index) only. ``chunksize=None`` picks
     chunk sizes automatically.
 
+    ``files=[path, dir, glob, ...]`` (relative to the current directory) are bundled once,
+    staged once per node into a node-local cache, and opened inside tasks by the same relative
+    paths; files a task creates in its working directory come back here. ``modules=[name,
+    ...]`` ships local modules/packages to workers that cannot see the source tree (the local
+    modules the function imports are found and shipped without it). See docs/bundles.md.
+
     Called on rank 0 under ``python -m mpimap``; with no launcher it runs in-process; under
     ``mpiexec python script.py`` every rank calls it and ranks other than 0 get ``None``.
     Inside a task it runs serially in that task.
@@ -67,7 +84,8 @@ def pmap(func, iterable, *iterables, common=None, files=None, modules=None, chun
     seed = _check(func, errors, ordered, seed, progress, files, modules, checkpoint, chunksize)
     return _runtime.executor().map(None, func, (iterable, *iterables), common=common,
                                    has_common=common is not None, chunksize=chunksize,
-                                   ordered=ordered, errors=errors, progress=progress, seed=seed)
+                                   ordered=ordered, errors=errors, progress=progress, seed=seed,
+                                   files=files, modules=modules)
 
 
 def imap(func, iterable, *iterables, common=None, files=None, modules=None, chunksize=None,
@@ -81,7 +99,8 @@ def imap(func, iterable, *iterables, common=None, files=None, modules=None, chun
     seed = _check(func, errors, True, seed, progress, files, modules, checkpoint, chunksize)
     return _runtime.executor().imap(None, func, (iterable, *iterables), common=common,
                                     has_common=common is not None, chunksize=chunksize,
-                                    ordered=True, errors=errors, progress=progress, seed=seed)
+                                    ordered=True, errors=errors, progress=progress, seed=seed,
+                                    files=files, modules=modules)
 
 
 def imap_unordered(func, iterable, *iterables, common=None, files=None, modules=None,
@@ -90,7 +109,8 @@ def imap_unordered(func, iterable, *iterables, common=None, files=None, modules=
     seed = _check(func, errors, False, seed, progress, files, modules, checkpoint, chunksize)
     return _runtime.executor().imap(None, func, (iterable, *iterables), common=common,
                                     has_common=common is not None, chunksize=chunksize,
-                                    ordered=False, errors=errors, progress=progress, seed=seed)
+                                    ordered=False, errors=errors, progress=progress, seed=seed,
+                                    files=files, modules=modules)
 
 
 class Pool:

@@ -58,9 +58,19 @@ class SerialExecutor:
         return list(self.imap(pool, func, iterables, lazy=False, **kw))
 
     def imap(self, pool, func, iterables, *, common=None, has_common=False, chunksize=None,
-             ordered=True, errors="raise", progress=False, seed=None, lazy=True):
+             ordered=True, errors="raise", progress=False, seed=None, lazy=True, files=None,
+             modules=None):
         from ._driver import _progress_bar
         from ._schedule import ItemSource
+
+        if files is not None or modules is not None:
+            # Tasks run in this very directory: nothing to stage, but the same bad input is
+            # refused in every mode (a script that works serially must not fail on a cluster).
+            from ._bundle import resolve_files
+            from ._modules import resolve
+
+            resolve_files(files, os.getcwd())
+            resolve(modules)
 
         source = ItemSource(iterables)
         if pool is not None and pool[1]:
@@ -76,13 +86,15 @@ class SerialExecutor:
         star = source.nargs > 1
         outer = _task.current()
         start = 0
+        sid = _task.serial_job()
         try:
             while True:
                 items = source.take(1024)
                 if items is None:
                     return
                 out: list = []
-                state = _task._Running(start, out, seed, 0, 1, _node_name(), _host_name(), 0)
+                state = _task._Running(start, out, seed, 0, 1, _node_name(), _host_name(), 0,
+                                       scratch_job=sid)
                 for item in items:
                     args = item if star else (item,)
                     _task.begin(state)
@@ -103,6 +115,7 @@ class SerialExecutor:
                 start += len(items)
         finally:
             _task.begin(outer)
+            _task.remove_scratch(sid, 0)
             if bar is not None:
                 bar.close()
 

@@ -2,13 +2,21 @@
 
 The loop that runs a chunk appends each result to a list as it finishes, so the index of the item
 running now is ``chunk start + len(results so far)``: no per-item bookkeeping on the hot path.
+
+Scratch.  ``mpimap.task().scratch`` is ``<scratch root>/r<rank>-<pid>/j<job>/scratch`` (the
+scratch root is ``$MPIMAP_SCRATCH_DIR``, else ``$SLURM_TMPDIR``, else the system temporary
+directory, plus ``mpimap-<uid>``: see _cache), private to one rank and one map, created on first
+use. A worker reports that the job directory exists with its results, and rank 0 sends a prompt
+DROP at the end of the map -- also after an error -- that removes it (``remove_scratch``); a
+cancelled map's directory goes when the worker sees the CANCEL, and a rank's whole directory when
+the worker exits. In serial mode each map gets its own id and its directory goes when the map
+ends.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass, field
 
@@ -29,7 +37,8 @@ class _Running:
     node: str
     host: str
     job: int
-    scratch_root: str | None = None
+    dirs: object = None  # a worker's _workdir.JobDirs for this map; None in serial mode
+    scratch_job: object = None  # serial mode: this map's own scratch key (job is 0 there)
     rngs: dict = field(default_factory=dict)
 
     @property
@@ -73,23 +82,68 @@ class TaskInfo:
     node: str
     host: str
     job: int
-    _scratch_root: str | None = None
+    _node: str | None = None
+    _scratch_job: object = None
+    _dirs: object = None  # the worker's JobDirs: told that scratch was used
 
     @property
     def scratch(self) -> str:
-        """A private directory for temporary files of this rank, removed when the map ends."""
-        path = scratch_dir(self.job, self.rank, self._scratch_root)
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        """A private directory for temporary files of this rank and map, removed when the map
+        ends (also after an error). Under $SLURM_TMPDIR when set; MPIMAP_SCRATCH_DIR moves it."""
+        job = self.job if self._scratch_job is None else self._scratch_job
+        path = scratch_dir(job, self.rank, self._node)
+        if self._dirs is not None:
+            self._dirs.used = True
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            from ._cache import scratch_base
+
+            base, why = scratch_base(self._node)
+            raise OSError(exc.errno, f"{exc.strerror}: cannot create the scratch directory "
+                          f"{path} (under {base}, from {why}); point MPIMAP_SCRATCH_DIR at a "
+                          f"node-local directory with room", path) from None
         return path
 
 
-def scratch_dir(job: int, rank: int, root: str | None = None) -> str:
-    base = root or os.environ.get("SLURM_TMPDIR") or tempfile.gettempdir()
-    return os.path.join(base, f"mpimap-{os.getuid()}", "scratch", f"{os.getpid()}-{job}-{rank}")
+def job_dir(job, rank: int, node: str | None = None) -> str:
+    from ._cache import scratch_root
+
+    return os.path.join(scratch_root(node), f"r{rank}-{os.getpid()}", f"j{job}")
 
 
-def remove_scratch(job: int, rank: int, root: str | None = None) -> None:
-    shutil.rmtree(scratch_dir(job, rank, root), ignore_errors=True)
+def scratch_dir(job, rank: int, node: str | None = None) -> str:
+    return os.path.join(job_dir(job, rank, node), "scratch")
+
+
+def remove_scratch(job, rank: int, node: str | None = None) -> None:
+    """Remove everything of one map on this rank: scratch, working directory, outputs."""
+    from ._cache import remove_tree, scratch_root
+
+    try:
+        path = os.path.join(scratch_root(node), f"r{rank}-{os.getpid()}", f"j{job}")
+    except Exception:
+        return
+    if os.path.lexists(path):
+        remove_tree(path)
+
+
+def remove_rank_dir(rank: int, node: str | None = None) -> None:
+    from ._cache import remove_tree, scratch_root
+
+    try:
+        root = scratch_root(node)
+    except Exception:
+        return
+    remove_tree(os.path.join(root, f"r{rank}-{os.getpid()}"))
+
+
+_serial_ids = itertools.count(1)
+
+
+def serial_job() -> str:
+    """A job id for one serial map (nested serial maps must not share a scratch directory)."""
+    return f"s{next(_serial_ids)}"
 
 
 def task() -> TaskInfo:
@@ -98,7 +152,8 @@ def task() -> TaskInfo:
     if s is None:
         raise MpimapError("mpimap.task() is only available inside a function that pmap, imap or "
                           "a Pool is running")
-    return TaskInfo(s.index, s.rank, s.size, s.node, s.host, s.job, s.scratch_root)
+    return TaskInfo(s.index, s.rank, s.size, s.node, s.host, s.job,
+                    getattr(s.dirs, "node", None), s.scratch_job, s.dirs)
 
 
 def rng():

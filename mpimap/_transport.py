@@ -37,6 +37,7 @@ POOL = 4  # meta: dict(pool, init, puts); payloads: puts...
 RELEASE = 5  # collective mode: return from serving to the caller's script
 SHUTDOWN = 6
 PUT = 7  # meta: dict(puts); payloads: puts...
+BUNDLE = 8  # meta: dict(op=query|begin|data|end|use, id, ...); payloads: data pieces (_stage)
 # Up: worker -> rank 0.
 RESULT = 11  # meta: dict(job, chunk, n, seconds, errors=[...]); payloads: results, exceptions...
 REPLY = 12  # meta: dict(what, ok, ...)
@@ -152,11 +153,11 @@ class InProcEndpoint:
 
     collective = False
 
-    def __init__(self, hub: "InProcHub", rank: int):
+    def __init__(self, hub: "InProcHub", rank: int, node: str = "inproc"):
         self.hub = hub
         self.rank = rank
         self.size = hub.nworkers + 1
-        self.info = WorkerInfo(rank, socket.gethostname(), "inproc", os.getpid())
+        self.info = WorkerInfo(rank, socket.gethostname(), node, os.getpid())
         self.down = _Pipe()
 
     def recv(self, timeout=None):
@@ -192,18 +193,21 @@ class InProcHub:
     """Rank 0's side of the in-process transport; ``nworkers`` threads run ``_worker.serve``.
 
     ``kill(rank)`` simulates a worker that died: its frames stop and poll() reports it lost.
+    ``nodes``: a node name per worker (default all "inproc"), for per-node logic in tests.
     """
 
     collective = False
 
-    def __init__(self, nworkers: int = 2, inline_max: int = 64 << 10):
+    def __init__(self, nworkers: int = 2, inline_max: int = 64 << 10, nodes=None):
         from . import _worker
 
         self.nworkers = nworkers
         self.inline_max = inline_max
         self.up = _UpPipe()
         self.killed: dict[int, bool] = {}
-        self.endpoints = {r: InProcEndpoint(self, r) for r in range(1, nworkers + 1)}
+        nodes = list(nodes) if nodes is not None else ["inproc"] * nworkers
+        self.endpoints = {r: InProcEndpoint(self, r, nodes[r - 1])
+                          for r in range(1, nworkers + 1)}
         self.info = {r: ep.info for r, ep in self.endpoints.items()}
         self.threads = []
         for ep in self.endpoints.values():

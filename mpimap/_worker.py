@@ -5,6 +5,9 @@
            ──TASK (job spec the first time, items)───────▶ run chunk ──RESULT──▶ rank 0
            ──CANCEL job──────────────────────────────────▶ queued chunks of it are skipped
            ──DROP ids / RELEASE / SHUTDOWN──────────────▶
+           ──BUNDLE query/begin/data/end (stager) / use ─▶ _stage.WorkerBundles
+                    TASK of a map with files= runs in the rank's working directory; the files
+                    its tasks create go back with the RESULT (_workdir)
 
 Frames are handled in arrival order, except that before a chunk starts every frame already
 delivered is read, so a CANCEL behind a queued chunk takes effect before that chunk runs. A chunk
@@ -17,15 +20,15 @@ chunk runs (errors="return") or is skipped (errors="raise", fail fast).
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import traceback
 from collections import deque
 
-from . import _serial, _task
-from ._errors import SerializationError
-from ._transport import (CANCEL, DROP, POOL, PUT, RELEASE, REPLY, RESULT, SHUTDOWN, TASK, Frame)
+from . import _serial, _task, _workdir
+from ._errors import MpimapError, SerializationError
+from ._transport import (BUNDLE, CANCEL, DROP, POOL, PUT, RELEASE, REPLY, RESULT, SHUTDOWN, TASK,
+                         Frame)
 
 __all__ = ["serve"]
 
@@ -40,7 +43,8 @@ class _Failed:
 
 
 class _Job:
-    __slots__ = ("id", "func", "common", "seed", "nargs", "fail_fast", "setup_error", "scratch")
+    __slots__ = ("id", "func", "common", "seed", "nargs", "fail_fast", "setup_error", "bundle",
+                 "dirs")
 
     def __init__(self, spec, objects, overlays):
         self.id = spec["job"]
@@ -48,7 +52,8 @@ class _Job:
         self.nargs = spec["nargs"]
         self.fail_fast = spec["fail_fast"]
         self.setup_error = None
-        self.scratch = None
+        self.bundle = spec.get("bundle")
+        self.dirs = None
         self.func = objects.get(spec["func"])
         cid = spec.get("common")
         self.common = _NO_COMMON if cid is None else objects.get(cid)
@@ -86,6 +91,9 @@ def _format_tb(exc) -> str:
     tb = exc.__traceback__
     if tb is not None and tb.tb_next is not None:
         tb = tb.tb_next  # drop our own loop's frame
+    while tb is not None and tb.tb_next is not None and \
+            tb.tb_frame.f_code.co_filename == _workdir.__file__:
+        tb = tb.tb_next  # and the wrapper that collects a task's output files
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
@@ -105,6 +113,15 @@ class Worker:
         self.cancelled: set = set()
         self.backlog: deque = deque()
         self.abandon = False  # set by SHUTDOWN when a rank died: skip MPI_Finalize
+        self.bundles = None  # _stage.WorkerBundles, made at the first BUNDLE frame
+        _workdir.install_hook()
+
+    def _bundles(self):
+        if self.bundles is None:
+            from ._stage import WorkerBundles
+
+            self.bundles = WorkerBundles(self)
+        return self.bundles
 
     # -- loop ------------------------------------------------------------------------------------
 
@@ -122,6 +139,9 @@ class Worker:
                 self._put(frame.meta["puts"], frame.payloads)
             elif kind == CANCEL:
                 self.cancelled.add(frame.meta)
+                self._wipe(frame.meta)
+            elif kind == BUNDLE:
+                self._bundles().handle(frame)
             elif kind == DROP:
                 self._drop(frame.meta)
             elif kind == POOL:
@@ -129,6 +149,7 @@ class Worker:
             elif kind == RELEASE:
                 return "release"
             elif kind == SHUTDOWN:
+                _task.remove_rank_dir(self.ep.rank, self.ep.info.node)
                 self.ep.send(Frame(REPLY, {"what": "shutdown", "ok": True}))
                 self.ep.flush()
                 self.abandon = bool(frame.meta and frame.meta.get("abandon"))
@@ -141,6 +162,7 @@ class Worker:
                 return
             if frame.kind == CANCEL:
                 self.cancelled.add(frame.meta)
+                self._wipe(frame.meta)
             else:
                 self.backlog.append(frame)
 
@@ -174,9 +196,16 @@ class Worker:
         for pid in meta.get("pools", ()):
             self.overlays.pop(pid, None)
         for jid in meta.get("forget", ()):
-            self.jobs.pop(jid, None)
+            job = self.jobs.pop(jid, None)
             self.cancelled.discard(jid)
-            _task.remove_scratch(jid, self.ep.rank)
+            if job is not None and job.dirs is not None and job.dirs.touched():
+                _task.remove_scratch(jid, self.ep.rank, self.ep.info.node)
+
+    def _wipe(self, jid):
+        """A cancelled map's directories go now (its finished outputs were already sent)."""
+        job = self.jobs.get(jid)
+        if job is not None and job.dirs is not None and job.dirs.touched():
+            _task.remove_scratch(jid, self.ep.rank, self.ep.info.node)
 
     def _pool(self, frame):
         meta = frame.meta
@@ -224,11 +253,20 @@ class Worker:
         if jid in self.cancelled or job is None:
             reply["cancelled"] = True
             self.ep.send(Frame(RESULT, reply))
+            self._wipe(jid)
             return
         if job.setup_error is not None:
             reply["setup"] = job.setup_error
             self.ep.send(Frame(RESULT, reply))
             return
+        if job.dirs is None:
+            try:
+                job.dirs = self._job_dirs(job)
+            except (MpimapError, OSError) as exc:
+                reply["bundle_error"] = (f"rank {self.ep.rank} ({self.ep.info.host}) cannot "
+                                         f"prepare its working directory: {exc}")
+                self.ep.send(Frame(RESULT, reply))
+                return
         items_packed = payloads[-1]
         try:
             items = _serial.loads(items_packed.codec, items_packed.data, items_packed.buffers)
@@ -238,13 +276,40 @@ class Worker:
                               f"{type(exc).__name__}: {exc}\n{_format_tb(exc)}")
             self.ep.send(Frame(RESULT, reply))
             return
-        results, errors, seconds = self._run(job, items, meta["start"])
+        with job.dirs.cwd(self.inproc):
+            results, errors, seconds = self._run(job, items, meta["start"])
+        if errors:
+            errors = [(offset, _workdir.explain(exc, job.dirs)) for offset, exc in errors]
         reply["seconds"] = seconds
-        if job.scratch is None:
-            job.scratch = _task.scratch_dir(jid, self.ep.rank)
-        if os.path.isdir(job.scratch):
-            reply["scratch"] = True
-        self.ep.send(self._pack_results(reply, results, errors, meta["start"]))
+        if job.dirs.exists():
+            reply["scratch"] = True  # rank 0 then sends a prompt DROP at the end of the map
+        frame = self._pack_results(reply, results, errors, meta["start"])
+        if job.dirs.work is not None:
+            self._attach_outputs(job, frame)
+        self.ep.send(frame)
+        if jid in self.cancelled:
+            job.dirs.remove()
+
+    def _job_dirs(self, job):
+        if job.bundle is None:
+            return _workdir.JobDirs(self.ep.rank, job.id, self.ep.info.node)
+        dirs = self._bundles().job_dirs(job.id, job.bundle)
+        if dirs.work is not None:
+            job.func = _workdir.wrap(job.func, dirs)
+        return dirs
+
+    def _attach_outputs(self, job, frame):
+        """The files this chunk's tasks created, with the results (see _workdir)."""
+        try:
+            records, buffers = job.dirs.take()
+        except OSError as exc:
+            frame.meta["bundle_error"] = (f"the files that tasks created on rank "
+                                          f"{self.ep.rank} ({self.ep.info.host}) could not be "
+                                          f"read back: {exc}")
+            return
+        if records:
+            frame.meta["outputs"] = records
+            frame.payloads.extend(_serial.Packed(-1, b, []) for b in buffers)
 
     def _run(self, job, items, start):
         func = job.func
@@ -254,7 +319,7 @@ class Worker:
         errors = []
         info = self.ep.info
         _task.begin(_task._Running(start, out, job.seed, info.rank, self.ep.size, info.node,
-                                   info.host, job.id))
+                                   info.host, job.id, job.dirs))
         t0 = time.perf_counter()
         it = iter(items)
         try:

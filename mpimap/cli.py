@@ -1,7 +1,7 @@
 """The ``mpimap`` command: argument parsing only; the work is done elsewhere.
 
 One function per subcommand; each turns its arguments into a call to the module that does the
-work (_launch for run, _slurm for sbatch).
+work (_launch for run, _slurm for sbatch, _bundle / _cache for bundle and cache).
 """
 
 from __future__ import annotations
@@ -76,6 +76,87 @@ def _sbatch(args) -> int:
                              wait_timeout=args.wait_timeout)
     except (_launch.LaunchError, ValueError) as exc:
         return _fail("sbatch", exc)
+
+
+def _bundle_inspect(args) -> int:
+    import json
+
+    from . import _bundle
+    from ._errors import MpimapError
+
+    try:
+        path = _bundle.find(args.target)
+        manifest = _bundle.load_manifest(path)
+    except (MpimapError, OSError, ValueError) as exc:
+        return _fail("bundle inspect", exc)
+    if args.path:
+        print(path)
+    else:
+        json.dump(manifest, sys.stdout, indent=2)
+        print()
+    return 0
+
+
+def _cache_ls(args) -> int:
+    import json
+    import time
+
+    from . import _cache
+    from ._errors import MpimapError
+
+    try:
+        root = _cache.cache_root()
+    except MpimapError as exc:
+        return _fail("cache ls", exc)
+    entries = _cache.entries(root)
+    if args.sort == "size":
+        entries.sort(key=lambda e: (-e.size, e.id))
+    else:  # least recently used first: the first candidates for a purge
+        entries.sort(key=lambda e: (e.last_used, e.id))
+    if args.json:
+        json.dump({"cache": root, "node": _cache.node_name(),
+                   "entries": [vars(e) for e in entries],
+                   "total_bytes": sum(e.size for e in entries)}, sys.stdout, indent=2)
+        print()
+        return 0
+    when = lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t))  # noqa: E731
+    print(f"bundle cache {root} on node {_cache.node_name()}")
+    if entries:
+        print(f"{'ID':<14}{'SIZE':>11}{'FILES':>8}  {'LAST USED':<18}{'CREATED':<18}IN USE")
+        for e in entries:
+            print(f"{e.id[:12]:<14}{_cache.human(e.size):>11}{e.files:>8}  {when(e.last_used):<18}"
+                  f"{when(e.created):<18}{'yes' if e.in_use else ''}")
+    total = sum(e.size for e in entries)
+    print(f"{len(entries)} bundle{'s' if len(entries) != 1 else ''}, {_cache.human(total)} in all"
+          f"{f', {sum(e.in_use for e in entries)} in use' if any(e.in_use for e in entries) else ''}")
+    return 0
+
+
+def _cache_purge(args) -> int:
+    from . import _cache
+    from ._errors import MpimapError
+
+    try:
+        age = None if args.all else _cache.parse_age(args.older_than)
+        root = _cache.cache_root()
+        try:
+            scratch = _cache.scratch_root()
+        except MpimapError:
+            scratch = None
+    except (MpimapError, ValueError) as exc:
+        return _fail("cache purge", exc)
+    done = _cache.purge(root, older_than=age, everything=args.all, dry_run=args.dry_run,
+                        scratch=scratch)
+    verb = "would remove" if args.dry_run else "removed"
+    for e in done["removed"]:
+        print(f"{verb} {e.id[:12]}  {_cache.human(e.size)}")
+    for path, n in done["stale"]:
+        print(f"{verb} {path}  {_cache.human(n)} (left by a process that is gone)")
+    for e in done["in_use"]:
+        print(f"kept {e.id[:12]}: in use by a running job")
+    print(f"{verb} {len(done['removed'])} bundle{'s' if len(done['removed']) != 1 else ''}, "
+          f"{_cache.human(done['freed'])} on node {_cache.node_name()} ({root})")
+    return 0
 
 
 _LAUNCHER_HELP = ("auto (default; or $MPIMAP_LAUNCHER): srun inside a Slurm allocation, else the "
@@ -172,6 +253,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("script")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_sbatch)
+
+    p = sub.add_parser("bundle", help="look at a files=/modules= bundle")
+    bsub = p.add_subparsers(dest="bundle_command", required=True, metavar="COMMAND")
+    q = bsub.add_parser("inspect", help="print a bundle's manifest.json",
+                        description="Print the manifest of a bundle in this node's cache (by id "
+                                    "or unique id prefix) or at PATH: files with sizes, modes "
+                                    "and sha256, shipped modules, detected imports, Python and "
+                                    "mpimap versions.")
+    q.add_argument("target", metavar="ID|PATH")
+    q.add_argument("--path", action="store_true", help="print the bundle's directory instead")
+    q.set_defaults(func=_bundle_inspect)
+
+    p = sub.add_parser("cache", help="the node-local bundle cache on THIS node: ls, purge",
+                       description="Act on the bundle cache of the node this runs on "
+                                   "($MPIMAP_CACHE_DIR, default /tmp/mpimap-<uid>). To cover "
+                                   "every node of an allocation run it once per node, e.g. "
+                                   "`srun --ntasks-per-node=1 mpimap cache purge --all`.")
+    csub = p.add_subparsers(dest="cache_command", required=True, metavar="COMMAND")
+    q = csub.add_parser("ls", help="list cached bundles with sizes, last use and totals")
+    q.add_argument("--sort", choices=("used", "size"), default="used",
+                   help="used (default): least recently used first; size: largest first")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=_cache_ls)
+    q = csub.add_parser("purge", help="remove bundles not used lately (never one in use)",
+                        description="Remove cached bundles last used before --older-than (or "
+                                    "all with --all). A bundle a running job uses is kept. Also "
+                                    "removes staging and per-rank directories left on this node "
+                                    "by processes that are gone.")
+    g = q.add_mutually_exclusive_group(required=True)
+    g.add_argument("--older-than", metavar="AGE", help="e.g. 7d, 12h, 30m, 2w")
+    g.add_argument("--all", action="store_true", help="every bundle not in use")
+    q.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    q.set_defaults(func=_cache_purge)
     return parser
 
 

@@ -24,12 +24,28 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_bundle_cache(tmp_path_factory):
+    """Bundles and per-rank directories of this test session live in its own temporary folder
+    (inherited by the MPI jobs it starts), never in the user's /tmp/mpimap-<uid>."""
+    base = tmp_path_factory.mktemp("mpimap-dirs")
+    saved = {k: os.environ.get(k) for k in ("MPIMAP_CACHE_DIR", "MPIMAP_SCRATCH_DIR")}
+    os.environ["MPIMAP_CACHE_DIR"] = str(base / "cache")
+    os.environ["MPIMAP_SCRATCH_DIR"] = str(base / "scratch")
+    yield base
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture
 def make_engine():
     made = []
 
-    def make(nworkers=2):
-        hub = InProcHub(nworkers)
+    def make(nworkers=2, nodes=None):
+        hub = InProcHub(nworkers, nodes=nodes)
         engine = Engine(hub)
         previous = _runtime.use_engine(engine)
         made.append((hub, engine, previous))

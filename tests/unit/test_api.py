@@ -42,8 +42,9 @@ def test_importing_mpimap_does_not_start_mpi():
     ({"ordered": "yes"}, TypeError, "ordered must be True or False"),
     ({"progress": 3}, TypeError, "progress must be"),
     ({"chunksize": 0}, ValueError, "chunksize must be a positive int"),
-    ({"files": ["data/"]}, mpimap.NotAvailableError, "files= are not available yet|file bundles"),
-    ({"modules": ["mylib"]}, mpimap.NotAvailableError, "modules="),
+    ({"files": ["no/such/dir/"]}, mpimap.BundleError, "'no/such/dir/' does not exist"),
+    ({"files": 3}, TypeError, "files= must be a list of paths"),
+    ({"modules": ["no_such_module_xyz"]}, mpimap.BundleError, "no module named"),
     ({"checkpoint": "run.h5"}, mpimap.NotAvailableError, "checkpoint"),
 ])
 def test_bad_arguments_fail_before_any_work(kwargs, error, text):
