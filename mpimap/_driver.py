@@ -4,7 +4,8 @@ Data flow of one map:
 
     func ──fingerprint──▶ code cache hit? ──no──▶ dill once ──▶ object id F
     common ─────────────────────────────────────▶ pickle-5 once ──▶ object id C
-                  (objects >= MPIMAP_BCAST_MIN are broadcast to every worker at the start;
+                  (objects >= MPIMAP_BCAST_MIN are broadcast to every worker at the start,
+                   their large arrays once per node into shared memory (``_nodeshare``);
                    smaller ones ride along with a worker's first chunk of the map)
     input ──ItemSource.take(n)──▶ TASK(job, chunk, start, items) ──▶ the least-loaded worker
                                    n from ChunkPlanner; a worker holds <= depth chunks
@@ -191,7 +192,9 @@ class Engine:
         if not ranks:
             return
         frame = Frame(PUT, {"puts": [(obj.id, obj.role, obj.what)]}, [obj.packed])
-        self.hub.bcast(ranks, frame)
+        # common: node-shared pages mapped read-only; code: copy-on-write (captured arrays stay
+        # writable, privately, as they would be in a process of its own)
+        self.hub.bcast(ranks, frame, readonly=obj.role == "common")
         for r in ranks:
             self.workers[r].objects.add(obj.id)
 

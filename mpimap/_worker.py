@@ -25,6 +25,7 @@ from collections import deque
 
 from . import _serial, _task
 from ._errors import SerializationError
+from ._shm import ShareUnavailable
 from ._transport import (CANCEL, DROP, POOL, PUT, RELEASE, REPLY, RESULT, SHUTDOWN, TASK, Frame)
 
 __all__ = ["serve"]
@@ -160,6 +161,11 @@ class Worker:
             except BaseException as exc:
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
+                if isinstance(exc, ShareUnavailable):  # its message names its own fix
+                    obj = _Failed(f"{what} did not reach rank {self.ep.rank} "
+                                  f"({self.ep.info.host}): {exc}")
+                    self.objects[oid] = obj
+                    continue
                 obj = _Failed(
                     f"{what} could not be loaded on rank {self.ep.rank} "
                     f"({self.ep.info.host}): {type(exc).__name__}: {exc}. Fix: make sure every "
