@@ -172,7 +172,8 @@ class NodeShare:
             return None
         offsets, total = _shm.layout(sizes)
         return {"size": total, "place": list(zip(idx, offsets, sizes)),
-                "access": "read" if readonly else "copy", "piece": self.piece}
+                "access": "read" if readonly else "copy", "piece": self.piece,
+                "max": self.max_message}
 
     def send(self, plan, bulk, progress) -> None:
         """Rank 0: stream the shared buffers to the other receivers, fill its own node's copy."""
@@ -188,7 +189,7 @@ class NodeShare:
         if self.kind == "copy":
             self._send_locators(("copy", plan["size"]))
             for i, off, n in plan["place"]:
-                for pos, m in _pieces(0, n, self.max_message):
+                for pos, m in _pieces(0, n, plan["max"]):
                     part = bulk[i][pos:pos + m]
                     self.pending.append((self.node.Ibcast(part, root=0), part))
             STATS["copies"] += 1
@@ -228,7 +229,7 @@ class NodeShare:
         if loc[0] == "copy":
             mem = _anon(plan["size"])
             for i, off, n in plan["place"]:
-                for pos, m in _pieces(off, n, self.max_message):
+                for pos, m in _pieces(off, n, plan["max"]):
                     wait(self.node.Ibcast(memoryview(mem)[pos:pos + m], root=0))
             STATS["copies"] += 1
             return self._views(mem, plan)
@@ -258,7 +259,7 @@ class NodeShare:
             if self.node_size > 1:
                 self._send_locators(("copy", size))
                 for i, off, n in plan["place"]:
-                    for pos, m in _pieces(off, n, self.max_message):
+                    for pos, m in _pieces(off, n, plan["max"]):
                         part = memoryview(mem)[pos:pos + m]
                         self.pending.append((self.node.Ibcast(part, root=0), part))
             STATS["copies"] += 1
@@ -279,7 +280,7 @@ class NodeShare:
                         seg.write(pos, part)
                     except OSError as exc:
                         problem = self._no_segment(plan, exc)
-        bounce.close()
+        del bounce, part  # freed now, not at the end of the map
         if problem is None:
             try:
                 mem = seg.map(plan["access"])

@@ -327,6 +327,10 @@ class Worker:
             body = _serial.dumps_data(results, to_worker=False)
         reply["errors"] = records
         reply["bytes"] = body.nbytes
+        for _offset, exc in errors:
+            # The traceback holds _run's frame, whose locals hold the errors list: a cycle that
+            # would keep `common` (and its shared pages) alive until a garbage-collector pass.
+            exc.__traceback__ = None
         return Frame(RESULT, reply, [body] + payloads)
 
 
