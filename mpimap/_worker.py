@@ -43,7 +43,7 @@ class _Failed:
 class _Job:
     __slots__ = ("id", "func", "common", "seed", "nargs", "fail_fast", "setup_error", "scratch")
 
-    def __init__(self, spec, objects, overlays):
+    def __init__(self, spec, objects, overlays, undo=None):
         self.id = spec["job"]
         self.seed = spec["seed"]
         self.nargs = spec["nargs"]
@@ -59,11 +59,19 @@ class _Job:
         if self.setup_error is None:
             overlay = overlays.get(spec.get("pool"))
             if overlay:
-                _apply_overlay(self.func, overlay)
+                _apply_overlay(self.func, overlay,
+                               None if undo is None else undo.setdefault(spec["pool"], []))
 
 
-def _apply_overlay(func, overlay):
-    """Make globals set by a Pool initializer visible to the mapped function and its helpers."""
+_MISSING = object()
+
+
+def _apply_overlay(func, overlay, undo=None):
+    """Make globals set by a Pool initializer visible to the mapped function and its helpers.
+
+    ``undo`` collects (globals, name, previous value) so closing the pool takes them back out
+    (they may hold large data: the pool's memory must go with the pool).
+    """
     seen = set()
     stack = [func]
     while stack:
@@ -78,6 +86,8 @@ def _apply_overlay(func, overlay):
             continue
         seen.add(id(g))
         if g.get("__name__") == "__main__":
+            if undo is not None:
+                undo.extend((g, k, g.get(k, _MISSING)) for k in overlay)
             g.update(overlay)
         stack.extend(v for v in list(g.values())
                      if callable(v) and getattr(v, "__module__", None) == "__main__")
@@ -103,6 +113,7 @@ class Worker:
         self.objects: dict = {}
         self.jobs: dict = {}
         self.overlays: dict = {}
+        self.undo: dict = {}  # pool -> [(globals, name, previous value)] to restore at close
         self.cancelled: set = set()
         self.backlog: deque = deque()
         self.abandon = False  # set by SHUTDOWN when a rank died: skip MPI_Finalize
@@ -178,7 +189,13 @@ class Worker:
         for oid in meta.get("drop", ()):
             self.objects.pop(oid, None)
         for pid in meta.get("pools", ()):
-            self.overlays.pop(pid, None)
+            overlay = self.overlays.pop(pid, None) or {}
+            for g, name, old in reversed(self.undo.pop(pid, [])):
+                if name in overlay and g.get(name, _MISSING) is overlay[name]:
+                    if old is _MISSING:
+                        del g[name]
+                    else:
+                        g[name] = old
         for jid in meta.get("forget", ()):
             self.jobs.pop(jid, None)
             self.cancelled.discard(jid)
@@ -206,6 +223,7 @@ class Worker:
             if g is not None:
                 self.overlays[pool] = {k: v for k, v in g.items()
                                        if k not in before or before[k] is not v}
+                self.undo[pool] = [(g, k, before.get(k, _MISSING)) for k in self.overlays[pool]]
             if meta["init"] is not None:
                 self.objects.pop(meta["init"], None)
         self.ep.send(Frame(REPLY, reply))
@@ -223,7 +241,7 @@ class Worker:
             self._drop(meta)
         spec = meta.get("spec")
         if spec is not None:
-            self.jobs[jid] = _Job(spec, self.objects, self.overlays)
+            self.jobs[jid] = _Job(spec, self.objects, self.overlays, self.undo)
         reply = {"job": jid, "chunk": meta["chunk"], "n": meta["n"], "seconds": 0.0,
                  "errors": []}
         job = self.jobs.get(jid)

@@ -84,10 +84,14 @@ def check_rest(d, kind, parallel=True):
     if shared:
         assert len({_name(p) for _r, p, *_ in pool["first"]}) == 1
         assert d["held_between_pool_maps"] is True
+    for _rank, total, path, perms in d["init"]:
+        assert total == d["init_expected"]
+        if shared:
+            assert segment_path(path, kind) and perms == "rw-p", path
     assert d["error"] == "'boom with common'"
     assert d["imap_first"] == [0.0, 1.0]
     for what in ("released_after_map", "released_after_code", "released_after_pool",
-                 "released_after_error", "released_after_cancel"):
+                 "released_after_init_pool", "released_after_error", "released_after_cancel"):
         assert d[what] is True, (what, d[what])
     assert d["leftovers"] == []
 

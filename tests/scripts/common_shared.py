@@ -76,6 +76,16 @@ def _try(fn):
         return type(exc).__name__
 
 
+def keep(arr):
+    global KEPT
+    KEPT = arr
+
+
+def from_init(_i):
+    path, perms = backing(KEPT)
+    return mpimap.task().rank, float(KEPT.sum()), path, perms
+
+
 def echo_big(x):
     return x * 2  # an item array bigger than MPIMAP_MAX_MESSAGE comes back doubled
 
@@ -166,6 +176,12 @@ def main():
     out["pool"] = {"first": first, "second": second, "expected": 3.0 * (MIB // 2),
                    "table": 5.0 * (MIB // 4)}
     out["released_after_pool"] = released(pids)
+
+    # 4b. a Pool initializer's large arguments: once per node, copy-on-write like captured data
+    with mpimap.Pool(initializer=keep, initargs=(np.full(MIB // 4, 4.0),)) as pool:
+        out["init"] = pool.map(from_init, range(nw), chunksize=1)
+    out["init_expected"] = 4.0 * (MIB // 4)
+    out["released_after_init_pool"] = released(pids)
 
     # 5. a task raising: the error arrives, and the memory goes
     def boom(i, c):
