@@ -97,6 +97,30 @@ def test_node_without_rank0_shares_one_copy_between_its_ranks(slurm, tmp_path, k
     check(json.loads(out.read_text()), kind, {"n2": [1, 2]})
 
 
+def test_copy_fallback_gives_each_rank_of_a_node_its_own_copy(slurm, tmp_path):
+    """Where a node cannot share memory, its receiver still takes the array off the network once
+    and hands each local rank a private, read-only copy."""
+    out = tmp_path / "nodes.json"
+    res = slurm.run(["salloc", "-n1", "-w", "n1", "--time", "3", ":", "-n2", "-w", "n2",
+                     "--time", "3", "srun", "--mpi=pmi2", "--het-group=0,1", sys.executable,
+                     "-m", "mpimap", str(SCRIPTS / "common_nodes.py"), str(out)],
+                    env=dict(ENV, MPIMAP_SHARE="copy"), timeout=120)
+    assert res.rc == 0, res
+    doc = json.loads(out.read_text())
+    look = {x["rank"]: x for x in doc["common"]}
+    assert sorted(look) == [1, 2]
+    for x in look.values():
+        assert x["sum"] == doc["common_expected"] and x["write"] == "ValueError", x
+        assert "mpimap" not in x["path"] and x["stats"]["copies"] == 1, x   # private memory
+    assert look[1]["stats"]["received"] == SHARED_BYTES    # the receiver, over MPI
+    assert look[2]["stats"]["received"] == 0               # from its receiver, on the node
+    exp_c, exp_t = doc["pool_expected"]
+    assert all(row[4] == exp_c and row[7] == exp_t and row[8] == "ValueError"
+               for row in doc["pool1"] + doc["pool2"]), doc["pool1"]
+    assert all(n == 0 for _r, n in doc["after_common"] + doc["after_pool"])
+    assert doc["leftovers"] == []
+
+
 def test_sbatch_two_nodes_each_holds_its_own_copy(slurm, tmp_path):
     out = tmp_path / "nodes.json"
     res = slurm.mpimap("sbatch", "--wait", "--wait-timeout", "110", "--time", "5", "--output",
