@@ -64,7 +64,7 @@ def report(out: dict) -> None:
 
 # ----------------------------------------------------------------------------------------------
 
-def _where(_i):
+def _where(_i, _common=None):
     import mpimap
 
     t = mpimap.task()
