@@ -23,7 +23,12 @@ in order and rank 0 posts in frame order, so per frame every rank takes the same
 same order: (1) whole-comm Ibcast of the small bulk, (2) leaders Ibcast of the array buffers,
 (3) the node's locator and acks -- p2p, so nobody waits for a rank that has not reached the
 frame, and an ack needs no progress from its sender after it is posted. Nobody waits
-"upstream": a worker waits for its receiver, a receiver for rank 0, rank 0 for nobody.
+"upstream": a worker waits for its receiver, a receiver for rank 0, rank 0 for nobody. (So a
+rank busy in a long task delays its node's copy, exactly as it delays its own next frame.)
+
+The other ranks map the segment once it is full. Mapping it earlier, so that their
+MAP_POPULATE allocates pages while the receiver writes, was measured and lost (1 GiB, 3 ranks
+on 2 cores: 1.0-1.1 s against 0.7-0.8 s): the populating ranks compete with the writer.
 
 Per node, a probe at start-up picks how the node shares (``kind``): "memfd" (default), "file"
 (a 0600 file in /dev/shm, unlinked once every local rank has mapped it) or "copy" (neither
@@ -33,8 +38,9 @@ MPIMAP_SHARE forces one; "off" skips all of this (every rank its own copy, one I
 Release. A receiver keeps its segment's fd (and name) until every other rank of the node has
 acknowledged mapping it, or -- on rank 0, which learns of deaths -- has died. After that the
 memory belongs to the mappings alone and goes when the last array built on it is garbage
-collected: on the workers when rank 0 drops the object (end of the map, Pool.close, code cache
-eviction). A memfd has no name, so nothing can be left behind in /dev/shm.
+collected: on the workers when rank 0 drops the object -- at the end of the map; for a Pool's
+common data, its initializer's arguments and the large functions its maps used, when the pool
+closes (``_driver``). A memfd has no name, so nothing can be left behind in /dev/shm.
 
 This module imports no mpi4py: it drives the communicators ``_mpi`` hands it.
 """
@@ -54,7 +60,7 @@ __all__ = ["NodeShare", "pack_plan", "split_plan", "payloads_of"]
 
 TAG_LOC = 201
 TAG_ACK = 202
-PIECE = 32 << 20  # leaders' pieces: small enough for two bounce buffers, big enough to stream
+PIECE = 32 << 20  # leaders' pieces: a receiver's bounce buffer, big enough to stream
 _LEN = struct.Struct("<Q")
 
 # What this process did, for tests and benchmarks: bytes it received for a node, segments it
@@ -364,15 +370,3 @@ class NodeShare:
             h.segment.release()
         self.held = []
 
-
-def wait_request(req, sleeper_cap: float = 1e-3) -> None:
-    """Wait for one request: yield the core for a moment (data usually streams in), then sleep
-    with a growing delay (the sender may be busy), so a long wait does not spin a core."""
-    t0 = time.monotonic()
-    delay = 0.0
-    while not req.Test():
-        if time.monotonic() - t0 < 2e-3:
-            os.sched_yield()
-        else:
-            delay = min(sleeper_cap, delay * 2 or 2e-5)
-            time.sleep(delay)

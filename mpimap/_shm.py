@@ -43,8 +43,8 @@ import secrets
 import struct
 from typing import NamedTuple
 
-__all__ = ["KINDS", "Segment", "ShareUnavailable", "create", "layout", "open_located",
-           "pack_locator", "unpack_locator"]
+__all__ = ["KINDS", "Segment", "ShareUnavailable", "failing_pickle", "layout", "leftovers",
+           "open_located", "pack_locator", "probe_check", "probe_create", "unpack_locator"]
 
 KINDS = ("memfd", "file")
 ALIGN = 64  # cache line: numpy's vector loops need no more, and padding stays negligible

@@ -1,15 +1,14 @@
 """Large common data, captured arrays, items and results: values, read-only-ness, where the pages
 live, and that nothing stays mapped or named after each map / pool / error / cancellation.
 
-Prints one JSON line of observations; tests/mpi/test_common_mpi.py checks them. Runs serially,
-under `python -m mpimap` and in collective mode (then only rank 0 reports).
+Prints one JSON line of observations; tests/mpi/test_common_mpi.py checks them. Runs serially
+and under `python -m mpimap` (collective mode has its own script, common_collective.py).
 """
 
 import dataclasses
 import functools
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -207,7 +206,4 @@ def main():
 
 
 if __name__ == "__main__":
-    if mpimap.is_root():
-        main()
-    else:
-        main()  # collective mode: every rank makes the same calls; only rank 0 prints
+    main()
