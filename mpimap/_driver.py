@@ -249,6 +249,9 @@ class Engine:
         drop = set(self.pool_code.pop(pid, ()))
         if common_obj is not None:
             drop.add(common_obj.id)
+        for job in self.jobs.values():  # a map of the pool still open: it frees them at its end
+            job.objects.extend(oid for oid in (job.spec["func"], job.spec["common"])
+                               if oid in drop and oid not in job.objects)
         drop -= self._still_needed()
         for oid in drop:
             self.objects.pop(oid, None)

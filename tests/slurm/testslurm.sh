@@ -186,7 +186,7 @@ SchedulerParameters=sched_interval=1
 # Job ids never repeat on this machine (as on a real cluster): MPICH names its node-level init
 # segment after the PMI kvsname "<job>.<step>", and a segment a killed job left in /dev/shm
 # would make MPI_Init fail in every later job with the same id (in any test cluster here).
-FirstJobId=$(( ($(date +%s) % 60000) * 1000 + PORT % 1000 ))
+FirstJobId=$(( ($(date +%s) % 60000) * 1000 + PORT % 1000 + 1 ))
 EOF
         local i=1 n
         for n in "${NODES[@]}"; do
