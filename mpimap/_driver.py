@@ -4,7 +4,8 @@ Data flow of one map:
 
     func ──fingerprint──▶ code cache hit? ──no──▶ dill once ──▶ object id F
     common ─────────────────────────────────────▶ pickle-5 once ──▶ object id C
-                  (objects >= MPIMAP_BCAST_MIN are broadcast to every worker at the start;
+                  (objects >= MPIMAP_BCAST_MIN are broadcast to every worker at the start,
+                   their large arrays once per node into shared memory (``_nodeshare``);
                    smaller ones ride along with a worker's first chunk of the map)
     input ──ItemSource.take(n)──▶ TASK(job, chunk, start, items) ──▶ the least-loaded worker
                                    n from ChunkPlanner; a worker holds <= depth chunks
@@ -30,7 +31,7 @@ import itertools
 import time
 from collections import OrderedDict
 
-from . import _serial, _task
+from . import _serial
 from ._env import knob
 from ._errors import (BundleError, MpimapError, RemoteError, SerializationError,
                       WorkerLostError, attach_remote)
@@ -133,7 +134,8 @@ class Engine:
         # Knobs are read once, when the engine starts (they sit on the hot path of every map).
         self.cfg = {name: knob(name) for name in (
             "MPIMAP_CODE_CACHE", "MPIMAP_BCAST_MIN", "MPIMAP_CHUNK_SECONDS", "MPIMAP_PREFETCH",
-            "MPIMAP_READ_AHEAD", "MPIMAP_SPIN", "MPIMAP_AUTO_MODULES")}
+            "MPIMAP_READ_AHEAD", "MPIMAP_SPIN", "MPIMAP_AUTO_MODULES", "MPIMAP_SHARE_MIN")}
+        self.pool_code: dict[int, set] = {}  # pool id -> large functions its maps used
         self._bundles = None
 
     @property
@@ -229,7 +231,9 @@ class Engine:
         if not ranks:
             return
         frame = Frame(PUT, {"puts": [(obj.id, obj.role, obj.what)]}, [obj.packed])
-        self.hub.bcast(ranks, frame)
+        # common: node-shared pages mapped read-only; code: copy-on-write (captured arrays stay
+        # writable, privately, as they would be in a process of its own)
+        self.hub.bcast(ranks, frame, readonly=obj.role == "common")
         for r in ranks:
             self.workers[r].objects.add(obj.id)
 
@@ -279,10 +283,30 @@ class Engine:
         return pid, common_obj
 
     def close_pool(self, pid, common_obj):
+        """Free the pool's common data and the large functions its maps used, now: the DROP
+        also carries the finished maps the workers still remember (they hold the data too)."""
+        drop = set(self.pool_code.pop(pid, ()))
         if common_obj is not None:
-            self._drop_everywhere(common_obj.id, now=True)
+            drop.add(common_obj.id)
+        for job in self.jobs.values():  # a map of the pool still open: it frees them at its end
+            job.objects.extend(oid for oid in (job.spec["func"], job.spec["common"])
+                               if oid in drop and oid not in job.objects)
+        drop -= self._still_needed()
+        for oid in drop:
+            self.objects.pop(oid, None)
         for w in self.live:
             w.forget.append(("pool", pid))
+            for oid in drop & w.objects:
+                w.objects.discard(oid)
+                w.forget.append(("drop", oid))
+            meta = {}
+            self._attach_forget(w, meta)
+            self.hub.send(w.rank, Frame(DROP, meta))
+
+    def _still_needed(self) -> set:
+        """Objects an open map or an open pool still uses."""
+        used = {oid for j in self.jobs.values() for oid in (j.spec["func"], j.spec["common"])}
+        return used.union(*self.pool_code.values())
 
     def _take_replies(self, what):
         mine = [(r, m) for r, m in self.replies if m.get("what") == what]
@@ -311,6 +335,14 @@ class Engine:
         per_map = []
         if func_obj.job == "once":
             per_map.append(func_obj.id)
+        elif func_obj.packed.nbytes >= self.cfg["MPIMAP_SHARE_MIN"]:
+            # A function carrying large arrays is not kept in the code cache for later: its
+            # memory is held for this map, or inside a Pool until the pool closes (the pool's
+            # maps reuse it without resending).
+            if pool is not None:
+                self.pool_code.setdefault(pool, set()).add(func_obj.id)
+            else:
+                per_map.append(func_obj.id)
         if has_common and common_obj is None:
             common_obj = self.data_object(per_map_common, "common", "common", job=jid)
             per_map.append(common_obj.id)
@@ -534,24 +566,23 @@ class Engine:
         if job.progress is not None:
             job.progress.close()
         self.jobs.pop(job.id, None)
-        for oid in job.objects:
+        drop = set(job.objects) - self._still_needed()
+        for oid in drop:
             self.objects.pop(oid, None)
-        for r in job.ranks_seen:
-            w = self.workers[r]
-            if not w.alive:
-                continue
-            w.jobs.discard(job.id)
-            w.forget.append(("job", job.id))
-            urgent = r in job.scratch_ranks
-            for oid in job.objects:
-                if oid in w.objects:
-                    w.objects.discard(oid)
-                    w.forget.append(("drop", oid))
-                    urgent = True
+        for w in self.live:  # also those that got a broadcast object but no chunk
+            seen = w.rank in job.ranks_seen
+            if seen:
+                w.jobs.discard(job.id)
+                w.forget.append(("job", job.id))
+            urgent = seen and w.rank in job.scratch_ranks
+            for oid in drop & w.objects:
+                w.objects.discard(oid)
+                w.forget.append(("drop", oid))
+                urgent = True
             if urgent:  # free memory / wipe scratch now; otherwise it rides on the next frame
                 meta = {}
                 self._attach_forget(w, meta)
-                self.hub.send(r, Frame(DROP, meta))
+                self.hub.send(w.rank, Frame(DROP, meta))
 
     # -- iteration ---------------------------------------------------------------------------------
 

@@ -101,6 +101,13 @@ KNOBS = {
              "array buffers up to this size travel inside the message header"),
         Knob("MPIMAP_BCAST_MIN", 256 << 10, _bytes,
              "function/common payloads at least this big are broadcast to all workers at once"),
+        Knob("MPIMAP_SHARE", "auto", _choice("auto", "memfd", "file", "copy", "off"),
+             "how the ranks of a node share large broadcast arrays: auto (a memfd, else a "
+             "file in /dev/shm, else a copy per rank), memfd, file, copy (one receiver per "
+             "node, a private copy per rank) or off (every rank receives its own copy)"),
+        Knob("MPIMAP_SHARE_MIN", 1 << 20, _bytes,
+             "broadcast array buffers totalling at least this many bytes are held once per "
+             "node (read-only shared memory); smaller ones are copied per rank"),
         Knob("MPIMAP_CODE_CACHE", 16, _positive(int),
              "functions kept loaded on workers between maps"),
         Knob("MPIMAP_SERIAL", False, _bool,

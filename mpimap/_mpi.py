@@ -5,8 +5,10 @@ segments (tag TAG_BULK, each split into pieces of at most MPIMAP_MAX_MESSAGE byt
 overflows a C int on any MPI). Heads are matched with ``Improbe``/``Mrecv``; the bulk that follows
 a head comes from the same source on another tag, so it can never be taken for a head. Bulk is
 received straight into its final, uninitialised buffer (``numpy.empty``), and arrays are rebuilt on
-it without a copy. A broadcast frame sends its head point-to-point and its bulk with ``Ibcast``.
-Only a few tags are used; an item index is never a tag.
+it without a copy. A broadcast frame sends its head point-to-point and its bulk with ``Ibcast``;
+when its array buffers are large they go once per node into node-shared memory instead
+(``_nodeshare``: rank 0 -> one receiver per node over the ``leaders`` communicator -> a memfd the
+node's ranks map). Only a few tags are used; an item index is never a tag.
 
 Waiting without spinning. MPICH (like most MPIs) busy-polls inside a blocking receive: a rank
 waiting in ``Recv`` burns a core, and on a node where ranks share cores that halves throughput. So
@@ -34,7 +36,9 @@ import time
 
 from mpi4py import MPI
 
+from . import _nodeshare, _shm
 from ._env import knob
+from ._serial import CODEC_PICKLE, Packed
 from ._transport import Event, WorkerInfo, assemble, bulk_sizes, decode_head, encode
 
 __all__ = ["MPIEndpoint", "MPIHub", "Session"]
@@ -43,6 +47,7 @@ TAG_HEAD = 101
 TAG_BULK = 102
 _P2P = b"\0"
 _COLL = b"\1"
+_SHARED = b"\2"  # like _COLL, and a plan (``_nodeshare``) follows: array buffers go per node
 _HELLO = struct.Struct("<i16s")
 
 
@@ -77,8 +82,9 @@ class _Sleeper:
 class _Conn:
     """Common parts of both ends: sending frames, receiving bulk, pending requests."""
 
-    def __init__(self, comm):
+    def __init__(self, comm, share=None):
         self.comm = comm
+        self.share = share
         self.max_message = knob("MPIMAP_MAX_MESSAGE")
         self.inline_max = knob("MPIMAP_INLINE_MAX")
         self.pending: list = []  # (request, buffer kept alive)
@@ -98,6 +104,8 @@ class _Conn:
             if done:
                 keep = set(range(len(self.pending))) - set(done)
                 self.pending = [self.pending[i] for i in sorted(keep)]
+        if self.share is not None and self.share.busy:
+            self.share.progress()
 
     def _receive(self, msg, status):
         """Receive a matched head and its bulk; returns a Frame."""
@@ -105,25 +113,50 @@ class _Conn:
         head = bytearray(status.Get_count(MPI.BYTE))
         msg.Recv([head, MPI.BYTE])
         mode, head = head[:1], memoryview(head)[1:]
+        plan = None
+        if mode == _SHARED:
+            plan, head = _nodeshare.split_plan(head)
         kind, meta, layout, offset = decode_head(head)
+        shared = set() if plan is None else {i for i, _off, _n in plan["place"]}
         bulk = []
-        for n in bulk_sizes(layout):
+        for i, n in enumerate(bulk_sizes(layout)):
+            if i in shared:
+                bulk.append(b"")  # filled below, from the node's copy
+                continue
             buf = _empty(n)
             view = memoryview(buf).cast("B")
             for piece in _pieces(view, self.max_message):
-                if mode == _COLL:
+                if mode != _P2P:
                     req = self.comm.Ibcast([piece, MPI.BYTE], root=0)
                     self._wait(req)
                 else:
                     self.comm.Recv([piece, MPI.BYTE], source, TAG_BULK)
             bulk.append(buf)
+        if plan is None:
+            return source, assemble(kind, meta, layout, head, offset, bulk)
+        try:
+            views = self.share.receive(plan, self._wait)
+        except _shm.ShareUnavailable as exc:
+            frame = assemble(kind, meta, layout, head, offset, bulk)
+            # Loading a payload that lost its arrays raises this error where it is loaded.
+            for p in _nodeshare.payloads_of(layout, shared):
+                frame.payloads[p] = Packed(CODEC_PICKLE, _shm.failing_pickle(str(exc)), [])
+            return source, frame
+        for (i, _off, _n), view in zip(plan["place"], views):
+            bulk[i] = view
         return source, assemble(kind, meta, layout, head, offset, bulk)
 
     def _wait(self, req):
+        """Wait for a transfer: yield the core at first (bulk usually streams in), then sleep
+        with a growing delay so a long wait (a busy sender) does not spin a core."""
         sleeper = _Sleeper(self.sleeper.cap)
+        t0 = time.monotonic()
         while not req.Test():
             self._progress_sends()
-            sleeper.sleep()
+            if time.monotonic() - t0 < 2e-3:
+                os.sched_yield()
+            else:
+                sleeper.sleep()
 
 
 class MPIHub(_Conn):
@@ -132,7 +165,7 @@ class MPIHub(_Conn):
     collective = True
 
     def __init__(self, session):
-        super().__init__(session.comm)
+        super().__init__(session.comm, getattr(session, "share", None))
         self.session = session
         self.info = {r: i for r, i in session.info.items() if r != 0}
         self.socks = dict(session.lifelines)  # rank -> socket
@@ -162,21 +195,31 @@ class MPIHub(_Conn):
         self._ring(rank)
         self._progress_sends()
 
-    def bcast(self, ranks, frame) -> None:
+    def bcast(self, ranks, frame, readonly: bool = False) -> None:
+        """Send ``frame`` to ``ranks``: collectively when that is every worker (large array
+        buffers then once per node, see ``_nodeshare``; ``readonly``: mapped read-only, else
+        copy-on-write), else point-to-point."""
         ranks = [r for r in ranks if r not in self.lost]
         every = not self.lost and sorted(ranks) == self.ranks
         if not every:
             for r in ranks:
                 self.send(r, frame)
             return
-        head, bulk = encode(frame, self.inline_max)
-        head = _COLL + head
+        kinds: list = []
+        head, bulk = encode(frame, self.inline_max, kinds)
+        plan = None if self.share is None else self.share.plan(bulk, kinds, readonly)
+        head = (_COLL if plan is None else _SHARED + _nodeshare.pack_plan(plan)) + head
         for r in ranks:
             self.pending.append((self.comm.Isend([head, MPI.BYTE], r, TAG_HEAD), head))
             self._ring(r)
-        for seg in bulk:
+        shared = set() if plan is None else {i for i, _off, _n in plan["place"]}
+        for i, seg in enumerate(bulk):
+            if i in shared:
+                continue
             for piece in _pieces(seg, self.max_message):
                 self.pending.append((self.comm.Ibcast([piece, MPI.BYTE], root=0), piece))
+        if plan is not None:
+            self.share.send(plan, bulk, self._progress_sends)
         self._progress_sends()
 
     def _drain(self, events) -> None:
@@ -221,6 +264,8 @@ class MPIHub(_Conn):
             return
         if rank not in self.lost:
             self.lost.add(rank)
+            if self.share is not None:
+                self.share.lost(rank)
             events.append(Event(rank, None, reason))
 
     def _check_closing(self, events):
@@ -285,7 +330,7 @@ class MPIEndpoint(_Conn):
     collective = True
 
     def __init__(self, session):
-        super().__init__(session.comm)
+        super().__init__(session.comm, getattr(session, "share", None))
         self.session = session
         self.rank = session.rank
         self.size = session.size - 1
@@ -370,6 +415,13 @@ class Session:
         self.size = self.comm.Get_size()
         self.node_comm = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         leader = self.node_comm.bcast(self.rank, root=0)
+        # One receiver per node for large broadcasts: rank 0 (the first rank of its node, as
+        # Split_type keeps the order of ranks) and the first rank of every other node.
+        first = self.node_comm.Get_rank() == 0
+        leaders = self.comm.Split(0 if first else MPI.UNDEFINED, self.rank)
+        self.leaders = leaders if first else None
+        local = self.node_comm.allgather(self.rank)
+        self.share = _nodeshare.NodeShare(self.comm, self.node_comm, self.leaders, local)
         host = socket.gethostname()
         node = os.environ.get("SLURMD_NODENAME") or host
         mine = (self.rank, host, node, os.getpid(), leader)
@@ -482,6 +534,7 @@ class Session:
 
     def finalize(self, clean: bool) -> None:
         """Free our communicators (only when every rank is alive and done)."""
+        self.share.close(timeout=2.0 if clean else 0.0)
         for s in self.lifelines.values():
             try:
                 s.close()
@@ -490,6 +543,8 @@ class Session:
         self.lifelines.clear()
         if clean:
             try:
+                if self.leaders is not None:
+                    self.leaders.Free()
                 self.node_comm.Free()
                 self.comm.Free()
             except MPI.Exception:

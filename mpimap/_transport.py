@@ -69,14 +69,18 @@ class Event(NamedTuple):
     reason: str = ""
 
 
-def encode(frame: Frame, inline_max: int):
-    """(head bytes, [bulk memoryviews]) for ``frame``."""
+def encode(frame: Frame, inline_max: int, kinds: list | None = None):
+    """(head bytes, [bulk memoryviews]) for ``frame``.
+
+    ``kinds``, if given, gets one entry per bulk segment: True for an out-of-band array buffer,
+    False for a pickle stream (``_nodeshare`` shares only the former across a node).
+    """
     layout = []
     small = []
     bulk = []
     for p in frame.payloads:
         segs = []
-        for seg in (p.data, *p.buffers):
+        for j, seg in enumerate((p.data, *p.buffers)):
             view = memoryview(seg)
             if view.ndim != 1 or view.itemsize != 1:
                 view = view.cast("B")
@@ -86,6 +90,8 @@ def encode(frame: Frame, inline_max: int):
             else:
                 segs.append((1, view.nbytes))
                 bulk.append(view)
+                if kinds is not None:
+                    kinds.append(j > 0)
         layout.append((p.codec, segs))
     header = pickle.dumps((frame.kind, frame.meta, layout), protocol=5)
     head = b"".join([_LEN.pack(len(header)), header, *small])
@@ -224,7 +230,7 @@ class InProcHub:
         if not self.killed.get(rank):
             self.endpoints[rank].down.put(frame, self.inline_max)
 
-    def bcast(self, ranks, frame: Frame) -> None:
+    def bcast(self, ranks, frame: Frame, readonly: bool = False) -> None:
         for r in ranks:
             self.send(r, frame)
 

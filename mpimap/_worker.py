@@ -27,6 +27,7 @@ from collections import deque
 
 from . import _serial, _task, _workdir
 from ._errors import MpimapError, SerializationError
+from ._shm import ShareUnavailable
 from ._transport import (BUNDLE, CANCEL, DROP, POOL, PUT, RELEASE, REPLY, RESULT, SHUTDOWN, TASK,
                          Frame)
 
@@ -46,7 +47,7 @@ class _Job:
     __slots__ = ("id", "func", "common", "seed", "nargs", "fail_fast", "setup_error", "bundle",
                  "dirs")
 
-    def __init__(self, spec, objects, overlays):
+    def __init__(self, spec, objects, overlays, undo=None):
         self.id = spec["job"]
         self.seed = spec["seed"]
         self.nargs = spec["nargs"]
@@ -63,11 +64,19 @@ class _Job:
         if self.setup_error is None:
             overlay = overlays.get(spec.get("pool"))
             if overlay:
-                _apply_overlay(self.func, overlay)
+                _apply_overlay(self.func, overlay,
+                               None if undo is None else undo.setdefault(spec["pool"], []))
 
 
-def _apply_overlay(func, overlay):
-    """Make globals set by a Pool initializer visible to the mapped function and its helpers."""
+_MISSING = object()
+
+
+def _apply_overlay(func, overlay, undo=None):
+    """Make globals set by a Pool initializer visible to the mapped function and its helpers.
+
+    ``undo`` collects (globals, name, previous value) so closing the pool takes them back out
+    (they may hold large data: the pool's memory must go with the pool).
+    """
     seen = set()
     stack = [func]
     while stack:
@@ -82,6 +91,8 @@ def _apply_overlay(func, overlay):
             continue
         seen.add(id(g))
         if g.get("__name__") == "__main__":
+            if undo is not None:
+                undo.extend((g, k, g.get(k, _MISSING)) for k in overlay)
             g.update(overlay)
         stack.extend(v for v in list(g.values())
                      if callable(v) and getattr(v, "__module__", None) == "__main__")
@@ -110,6 +121,7 @@ class Worker:
         self.objects: dict = {}
         self.jobs: dict = {}
         self.overlays: dict = {}
+        self.undo: dict = {}  # pool -> [(globals, name, previous value)] to restore at close
         self.cancelled: set = set()
         self.backlog: deque = deque()
         self.abandon = False  # set by SHUTDOWN when a rank died: skip MPI_Finalize
@@ -182,6 +194,11 @@ class Worker:
             except BaseException as exc:
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
+                if isinstance(exc, ShareUnavailable):  # its message names its own fix
+                    obj = _Failed(f"{what} did not reach rank {self.ep.rank} "
+                                  f"({self.ep.info.host}): {exc}")
+                    self.objects[oid] = obj
+                    continue
                 obj = _Failed(
                     f"{what} could not be loaded on rank {self.ep.rank} "
                     f"({self.ep.info.host}): {type(exc).__name__}: {exc}. Fix: make sure every "
@@ -194,7 +211,13 @@ class Worker:
         for oid in meta.get("drop", ()):
             self.objects.pop(oid, None)
         for pid in meta.get("pools", ()):
-            self.overlays.pop(pid, None)
+            overlay = self.overlays.pop(pid, None) or {}
+            for g, name, old in reversed(self.undo.pop(pid, [])):
+                if name in overlay and g.get(name, _MISSING) is overlay[name]:
+                    if old is _MISSING:
+                        del g[name]
+                    else:
+                        g[name] = old
         for jid in meta.get("forget", ()):
             job = self.jobs.pop(jid, None)
             self.cancelled.discard(jid)
@@ -229,6 +252,7 @@ class Worker:
             if g is not None:
                 self.overlays[pool] = {k: v for k, v in g.items()
                                        if k not in before or before[k] is not v}
+                self.undo[pool] = [(g, k, before.get(k, _MISSING)) for k in self.overlays[pool]]
             if meta["init"] is not None:
                 self.objects.pop(meta["init"], None)
         self.ep.send(Frame(REPLY, reply))
@@ -246,7 +270,7 @@ class Worker:
             self._drop(meta)
         spec = meta.get("spec")
         if spec is not None:
-            self.jobs[jid] = _Job(spec, self.objects, self.overlays)
+            self.jobs[jid] = _Job(spec, self.objects, self.overlays, self.undo)
         reply = {"job": jid, "chunk": meta["chunk"], "n": meta["n"], "seconds": 0.0,
                  "errors": []}
         job = self.jobs.get(jid)
@@ -386,6 +410,10 @@ class Worker:
             body = _serial.dumps_data(results, to_worker=False)
         reply["errors"] = records
         reply["bytes"] = body.nbytes
+        for _offset, exc in errors:
+            # The traceback holds _run's frame, whose locals hold the errors list: a cycle that
+            # would keep `common` (and its shared pages) alive until a garbage-collector pass.
+            exc.__traceback__ = None
         return Frame(RESULT, reply, [body] + payloads)
 
 

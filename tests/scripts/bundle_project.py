@@ -1,7 +1,6 @@
 """Run from a project folder made by tests/mpi/test_bundle_mpi.py: data/, src/ (local modules
 that only rank 0 has on sys.path), plugins/. Prints one JSON line of what happened."""
 
-import hashlib
 import importlib
 import json
 import os

@@ -186,10 +186,10 @@ SlurmctldTimeout=30
 SlurmdTimeout=60
 MessageTimeout=20
 SchedulerParameters=sched_interval=1
-# Job ids that never repeat across restarts: MPICH names its /dev/shm segments after the PMI
-# job name (the job and step id), and a rank that died without MPI_Finalize leaves its segment
-# behind; a later "job 1" would open that stale one and fail in MPI_Init ("Message truncated").
-FirstJobId=$(( $(date +%s) % 60000000 + 1 ))
+# Job ids never repeat on this machine (as on a real cluster): MPICH names its node-level init
+# segment after the PMI kvsname "<job>.<step>", and a segment a killed job left in /dev/shm
+# would make MPI_Init fail in every later job with the same id (in any test cluster here).
+FirstJobId=$(( ($(date +%s) % 60000) * 1000 + PORT % 1000 + 1 ))
 EOF
         local i=1 n
         for n in "${NODES[@]}"; do

@@ -3,8 +3,6 @@ checksums, the cache directory rules, ls/purge, and the detection of local impor
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import os
