@@ -19,14 +19,11 @@ _LATER = {
              "until they are, open files by absolute path on a filesystem every node sees",
     "modules": "shipping local modules (modules=) is not available yet in this version of "
                "mpimap; until it is, make the modules importable on every node (same sys.path)",
-    "checkpoint": "checkpoints (checkpoint=) are not available yet in this version of mpimap; "
-                  "until they are, save results yourself as they arrive from imap()",
 }
 
 
-def _check(func, errors, ordered, seed, progress, files=None, modules=None, checkpoint=None,
-           chunksize=None):
-    for name, value in (("files", files), ("modules", modules), ("checkpoint", checkpoint)):
+def _check(func, errors, ordered, seed, progress, files=None, modules=None, chunksize=None):
+    for name, value in (("files", files), ("modules", modules)):
         if value is not None:
             raise NotAvailableError(_LATER[name])
     if not callable(func):
@@ -58,16 +55,18 @@ def pmap(func, iterable, *iterables, common=None, files=None, modules=None, chun
     raises the first task exception to arrive (its own type, with the remote traceback chained);
     ``errors="return"`` puts exception objects in place of results. ``seed`` makes
     ``mpimap.rng()`` inside a task depend on (seed, item index) only. ``chunksize=None`` picks
-    chunk sizes automatically.
+    chunk sizes automatically. ``checkpoint="run.h5"`` (or ``mpimap.Checkpoint(...)``) writes
+    results to an HDF5 file as they arrive; a rerun computes only the missing items.
 
     Called on rank 0 under ``python -m mpimap``; with no launcher it runs in-process; under
     ``mpiexec python script.py`` every rank calls it and ranks other than 0 get ``None``.
     Inside a task it runs serially in that task.
     """
-    seed = _check(func, errors, ordered, seed, progress, files, modules, checkpoint, chunksize)
+    seed = _check(func, errors, ordered, seed, progress, files, modules, chunksize)
     return _runtime.executor().map(None, func, (iterable, *iterables), common=common,
                                    has_common=common is not None, chunksize=chunksize,
-                                   ordered=ordered, errors=errors, progress=progress, seed=seed)
+                                   ordered=ordered, errors=errors, progress=progress, seed=seed,
+                                   **_ck(checkpoint))
 
 
 def imap(func, iterable, *iterables, common=None, files=None, modules=None, chunksize=None,
@@ -78,19 +77,32 @@ def imap(func, iterable, *iterables, common=None, files=None, modules=None, chun
     generator of millions of items is never held in memory. Leaving the loop early cancels the
     rest.
     """
-    seed = _check(func, errors, True, seed, progress, files, modules, checkpoint, chunksize)
+    seed = _check(func, errors, True, seed, progress, files, modules, chunksize)
     return _runtime.executor().imap(None, func, (iterable, *iterables), common=common,
                                     has_common=common is not None, chunksize=chunksize,
-                                    ordered=True, errors=errors, progress=progress, seed=seed)
+                                    ordered=True, errors=errors, progress=progress, seed=seed,
+                                    **_ck(checkpoint))
 
 
 def imap_unordered(func, iterable, *iterables, common=None, files=None, modules=None,
                    chunksize=None, errors="raise", progress=False, checkpoint=None, seed=None):
     """Like ``imap``, but results come in completion order."""
-    seed = _check(func, errors, False, seed, progress, files, modules, checkpoint, chunksize)
+    seed = _check(func, errors, False, seed, progress, files, modules, chunksize)
     return _runtime.executor().imap(None, func, (iterable, *iterables), common=common,
                                     has_common=common is not None, chunksize=chunksize,
-                                    ordered=False, errors=errors, progress=progress, seed=seed)
+                                    ordered=False, errors=errors, progress=progress, seed=seed,
+                                    **_ck(checkpoint))
+
+
+def _ck(checkpoint, pool=None) -> dict:
+    """``checkpoint=`` checked before any work; executors get it only when one is given."""
+    if checkpoint is None:
+        return {}
+    from . import _checkpoint
+
+    if pool is None:
+        return {"checkpoint": _checkpoint.spec(checkpoint)}
+    return {"checkpoint": _checkpoint.spec(checkpoint, *pool._identity)}
 
 
 class Pool:
@@ -111,6 +123,8 @@ class Pool:
         self._handle = self._executor.open_pool(common, common is not None, initializer,
                                                 tuple(initargs))
         self._closed = False
+        # what a checkpointed map of this pool also depends on (hashed only if one is used)
+        self._identity = (common, common is not None, initializer, tuple(initargs))
 
     @property
     def size(self) -> int:
@@ -123,25 +137,25 @@ class Pool:
         return self._executor
 
     def map(self, func, iterable, *iterables, chunksize=None, ordered=True, errors="raise",
-            progress=False, seed=None):
+            progress=False, seed=None, checkpoint=None):
         seed = _check(func, errors, ordered, seed, progress, chunksize=chunksize)
         return self._live().map(self._handle, func, (iterable, *iterables),
                                 chunksize=chunksize, ordered=ordered, errors=errors,
-                                progress=progress, seed=seed)
+                                progress=progress, seed=seed, **_ck(checkpoint, self))
 
     def imap(self, func, iterable, *iterables, chunksize=None, errors="raise", progress=False,
-             seed=None):
+             seed=None, checkpoint=None):
         seed = _check(func, errors, True, seed, progress, chunksize=chunksize)
         return self._live().imap(self._handle, func, (iterable, *iterables),
                                  chunksize=chunksize, ordered=True, errors=errors,
-                                 progress=progress, seed=seed)
+                                 progress=progress, seed=seed, **_ck(checkpoint, self))
 
     def imap_unordered(self, func, iterable, *iterables, chunksize=None, errors="raise",
-                       progress=False, seed=None):
+                       progress=False, seed=None, checkpoint=None):
         seed = _check(func, errors, False, seed, progress, chunksize=chunksize)
         return self._live().imap(self._handle, func, (iterable, *iterables),
                                  chunksize=chunksize, ordered=False, errors=errors,
-                                 progress=progress, seed=seed)
+                                 progress=progress, seed=seed, **_ck(checkpoint, self))
 
     def close(self) -> None:
         """Free the pool's common data on the workers. The worker processes stay up."""

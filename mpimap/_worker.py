@@ -12,7 +12,8 @@ that is already running finishes (its result is discarded by rank 0). Every TASK
 RESULT, so rank 0 always knows how many chunks each worker holds.
 
 A task's exception never ends the worker: it is recorded with its traceback, and the rest of the
-chunk runs (errors="return") or is skipped (errors="raise", fail fast).
+chunk runs (errors="return") or is skipped (errors="raise", fail fast). While it holds a map with a
+checkpoint, SIGTERM/SIGINT/SIGUSR1 are ignored (``_checkpoint.worker_signals``): rank 0 decides.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 import traceback
 from collections import deque
 
-from . import _serial, _task
+from . import _checkpoint, _serial, _task
 from ._errors import SerializationError
 from ._transport import (CANCEL, DROP, POOL, PUT, RELEASE, REPLY, RESULT, SHUTDOWN, TASK, Frame)
 
@@ -40,13 +41,15 @@ class _Failed:
 
 
 class _Job:
-    __slots__ = ("id", "func", "common", "seed", "nargs", "fail_fast", "setup_error", "scratch")
+    __slots__ = ("id", "func", "common", "seed", "nargs", "fail_fast", "setup_error", "scratch",
+                 "checkpoint")
 
     def __init__(self, spec, objects, overlays):
         self.id = spec["job"]
         self.seed = spec["seed"]
         self.nargs = spec["nargs"]
         self.fail_fast = spec["fail_fast"]
+        self.checkpoint = bool(spec.get("checkpoint"))
         self.setup_error = None
         self.scratch = None
         self.func = objects.get(spec["func"])
@@ -174,7 +177,9 @@ class Worker:
         for pid in meta.get("pools", ()):
             self.overlays.pop(pid, None)
         for jid in meta.get("forget", ()):
-            self.jobs.pop(jid, None)
+            job = self.jobs.pop(jid, None)
+            if job is not None and job.checkpoint:
+                _checkpoint.worker_signals(False)
             self.cancelled.discard(jid)
             _task.remove_scratch(jid, self.ep.rank)
 
@@ -218,6 +223,9 @@ class Worker:
         spec = meta.get("spec")
         if spec is not None:
             self.jobs[jid] = _Job(spec, self.objects, self.overlays)
+            if spec.get("checkpoint"):
+                # a stop signal must not end this rank: rank 0 saves the results and ends the run
+                _checkpoint.worker_signals(True)
         reply = {"job": jid, "chunk": meta["chunk"], "n": meta["n"], "seconds": 0.0,
                  "errors": []}
         job = self.jobs.get(jid)

@@ -1,7 +1,7 @@
 """The ``mpimap`` command: argument parsing only; the work is done elsewhere.
 
 One function per subcommand; each turns its arguments into a call to the module that does the
-work (_launch for run, _slurm for sbatch).
+work (_launch for run, _slurm for sbatch, _checkpoint for checkpoint info).
 """
 
 from __future__ import annotations
@@ -98,6 +98,17 @@ def _sbatch(args) -> int:
         return _fail("sbatch", exc)
 
 
+def _checkpoint_info(args) -> int:
+    from . import _checkpoint
+    from ._errors import CheckpointError
+
+    try:
+        print(_checkpoint.info(args.path))
+    except CheckpointError as exc:
+        return _fail("checkpoint info", exc)
+    return 0
+
+
 _LAUNCHER_HELP = ("auto (default; or $MPIMAP_LAUNCHER): srun inside a Slurm allocation, else the "
                   "mpiexec of the MPI library mpi4py loads; srun; mpiexec; hydra; openmpi")
 
@@ -192,6 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("script")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_sbatch)
+
+    p = sub.add_parser("checkpoint", help="inspect a checkpoint file (checkpoint= of pmap)")
+    csub = p.add_subparsers(dest="checkpoint_command", required=True, metavar="COMMAND")
+    q = csub.add_parser("info", help="done/total, failures, the function, runs and versions",
+                        description="Print what checkpoint PATH holds: how many items are "
+                                    "done, failed and missing, the function and inputs it "
+                                    "belongs to, the runs that wrote it and their versions. "
+                                    "Reads results a killed run left in PATH.journal too; "
+                                    "changes no file.")
+    q.add_argument("path", metavar="PATH")
+    q.set_defaults(func=_checkpoint_info)
     return parser
 
 

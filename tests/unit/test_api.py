@@ -44,7 +44,9 @@ def test_importing_mpimap_does_not_start_mpi():
     ({"chunksize": 0}, ValueError, "chunksize must be a positive int"),
     ({"files": ["data/"]}, mpimap.NotAvailableError, "files= are not available yet|file bundles"),
     ({"modules": ["mylib"]}, mpimap.NotAvailableError, "modules="),
-    ({"checkpoint": "run.h5"}, mpimap.NotAvailableError, "checkpoint"),
+    ({"checkpoint": 3}, TypeError, "checkpoint must be a path"),
+    ({"checkpoint": "/no/such/folder/run.h5"}, ValueError, "folder '/no/such/folder' does not"),
+    ({"checkpoint": "/"}, ValueError, "is a folder"),
 ])
 def test_bad_arguments_fail_before_any_work(kwargs, error, text):
     with pytest.raises(error, match=text):
