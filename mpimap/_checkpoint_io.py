@@ -649,7 +649,8 @@ class _Store:
             shape = tuple(fd["shape"])
             row_bytes = dt.itemsize * int(np.prod(shape, dtype=np.int64))
             per_chunk = int(max(1, min(65536, (256 << 10) // max(row_bytes, 1))))
-            fill = np.nan if dt.kind in "fc" else None
+            fill = np.array(complex(np.nan, np.nan) if dt.kind == "c" else np.nan,
+                            dt)[()] if dt.kind in "fc" else None
             self.f.create_dataset(_dataset_name(st.layout, fd), shape=(rows, *shape),
                                   maxshape=(None, *shape), dtype=dt,
                                   chunks=(per_chunk, *shape) if shape else (per_chunk,),
@@ -771,10 +772,7 @@ class _Store:
                 j = k + 1
                 while j < len(pickled) and pickled[j][0] == pickled[j - 1][0] + 1:
                     j += 1
-                block = np.empty(j - k, dtype=object)
-                for m in range(k, j):
-                    block[m - k] = np.frombuffer(pickled[m][1], np.uint8)
-                ds[pickled[k][0]:pickled[j - 1][0] + 1] = block
+                _write_vlen(ds, pickled[k][0], [data for _i, data in pickled[k:j]])
                 k = j
 
     def _write_native(self, start, items, refs=None):
@@ -900,8 +898,7 @@ class _Store:
                                                  dtype=object), dtype=sdt)
         g.create_dataset("codec", data=np.array([st.errors[i][3] for i in errs], np.uint8))
         pk = g.create_dataset("pickled", shape=(len(errs),), dtype=h5py.vlen_dtype(np.uint8))
-        for k, i in enumerate(errs):
-            pk[k] = np.frombuffer(st.errors[i][4], np.uint8)
+        _write_vlen(pk, 0, [st.errors[i][4] for i in errs])
         a = self.f.attrs
         a["mpimap_checkpoint"] = FORMAT
         a["total"] = -1 if st.total is None else st.total
@@ -913,6 +910,17 @@ class _Store:
         a["folded_journal"] = journal_id or ""
         a["done_count"] = st.ndone
         a["failed_count"] = st.nfailed
+
+
+def _write_vlen(ds, start, blobs):
+    """Rows of bytes into a vlen uint8 dataset. (h5py's ``ds[a:b] = objects`` stacks rows of
+    equal length into a 2-D array and fails; write_direct takes them as they are.)"""
+    if not blobs:
+        return
+    block = np.empty(len(blobs), dtype=ds.dtype)
+    for k, data in enumerate(blobs):
+        block[k] = np.frombuffer(data, np.uint8)
+    ds.write_direct(block, dest_sel=np.s_[start:start + len(blobs)])
 
 
 def _nbytes(v) -> int:
@@ -993,8 +1001,11 @@ def _differences(old: dict, new: dict) -> list:
         if fo.get("name") != fn.get("name"):
             out.append(f"the function: it was made by {_where(fo)}, this map runs {_where(fn)}")
         else:
-            out.append(f"the function {_where(fn)}: its code, or a value it reads (a global, a "
-                       f"closure variable, a default argument, a helper it calls), has changed")
+            moved = f" (it was at line {fo.get('line')})" if fo.get("line") != fn.get("line") \
+                else ""
+            out.append(f"the function {_where(fn)}{moved}: its code, or a value it reads (a "
+                       f"global, a closure variable, a default argument, a helper it calls), "
+                       f"has changed")
     if old.get("common") != new.get("common"):
         what = {(True, False): "it was made with common data, this map has none",
                 (False, True): "it was made without common data, this map has some"}.get(

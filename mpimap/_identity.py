@@ -17,29 +17,35 @@ canonical encoding instead:
   set and frozenset: their elements in any order;
 * numpy arrays: dtype, shape and the bytes in C order (object arrays element by element);
   numpy scalars: dtype and bytes;
-* classes and functions that can be imported (library code): their module and qualified name;
-* anything else: its class and what ``__reduce_ex__(4)`` returns (the state pickle would save),
-  encoded by these same rules -- a dataclass or a plain object is its class and ``__dict__``;
-  an object that cannot be reduced counts by its class only.
+* classes and functions of installed packages and the standard library: their module and
+  qualified name;
+* anything else: its class and what pickle's reduction returns (``copyreg``'s table, else
+  ``__reduce_ex__(4)``: the state pickle would save), encoded by these same rules -- a dataclass
+  or a plain object is its class and ``__dict__``; an object that cannot be reduced counts by its
+  class (and ``__name__``) only.
 
 *The same function* means: the same code, and the same values for everything the code reads --
 its defaults, the contents of its closure cells, the module-level globals it names (recursively
 through helper functions and classes defined in the script, by value), and its attributes. The
 code is the function's source text with comments and whitespace dropped (so a comment or a blank
 line does not change the identity, and neither does another Python version, whose bytecode
-differs); bytecode (with its constants, canonically) where the source cannot be read. Code from
-importable modules counts by name (the versions of mpimap, Python, dill and numpy are recorded
-next to the results instead). A lambda is identified by the source lines it is written on.
+differs); bytecode (with its constants, canonically) where the source cannot be read. The same
+holds for the user's own modules (a mylib.py next to the script: anything outside site-packages
+and the standard library); code of installed packages counts by name (the versions of mpimap,
+Python, dill and numpy are recorded next to the results instead). A lambda is identified by the
+source lines it is written on.
 
 Cost: microseconds for small values; arrays are hashed at about 1.5 GB/s (SHA-NI).
 """
 
 from __future__ import annotations
 
+import copyreg
 import hashlib
 import inspect
 import io
 import math
+import os
 import struct
 import sys
 import textwrap
@@ -176,12 +182,12 @@ class _Encoder:
 
     def _reduced(self, obj, t):
         """Other objects: their class and the state pickle would save."""
-        self.tag(b"O")
-        self.enc(t)
+        self.tag(b"O", _qualified(t).encode())  # an item's class counts by name
         try:
-            reduced = obj.__reduce_ex__(4)
+            custom = copyreg.dispatch_table.get(t)  # how pickle reduces it (numpy ufuncs...)
+            reduced = custom(obj) if custom is not None else obj.__reduce_ex__(4)
         except Exception:
-            return self.tag(b"?")
+            return self.tag(b"?", str(getattr(obj, "__name__", "")).encode())
         if isinstance(reduced, str):  # a global looked up by name (ufuncs, singletons)
             return self.tag(b"g", reduced.encode())
         parts = list(reduced) + [None] * (6 - len(reduced))
@@ -195,20 +201,38 @@ class _Encoder:
     # -- code ------------------------------------------------------------------------------------
 
     def _class(self, cls):
+        """A class the code uses: by name if installed, else its source and what its methods
+        read. (Not its __dict__: generated members and pickle's __slotnames__ cache live there.)"""
         if _importable(cls):
             return self.tag(b"R", _qualified(cls).encode())
         self.tag(b"K", cls.__qualname__.encode())
-        self.enc(tuple(cls.__bases__))
-        attrs = {k: v for k, v in vars(cls).items() if k not in _SKIP_CLASS_ATTRS}
-        for name in sorted(attrs):
-            self.tag(b"k", name.encode())
-            self.enc(attrs[name])
+        self.enc(tuple(b for b in cls.__bases__ if b is not object))
+        text = _source_tokens(cls)
+        if text is not None:
+            self.tag(b"src", text.encode("utf-8", "surrogatepass"))
+        for name in sorted(vars(cls)):
+            value = vars(cls)[name]
+            f = getattr(value, "__func__", None) or getattr(value, "fget", None) or value
+            if isinstance(f, types.FunctionType):
+                if f.__code__.co_filename.startswith("<") and text is not None:
+                    continue  # generated (dataclass, namedtuple): follows from the source
+                self.tag(b"k", name.encode())
+                if text is None:
+                    self._code(f.__code__, f)
+                self._context(f)
+            elif text is None and name not in _SKIP_CLASS_ATTRS and not name.startswith("__"):
+                self.tag(b"k", name.encode())
+                self.enc(value)
 
     def _function(self, f):
         if _importable(f):
             return self.tag(b"R", _qualified(f).encode())
         self.tag(b"f", f.__qualname__.encode())
         self._code(f.__code__, f)
+        self._context(f)
+
+    def _context(self, f):
+        """What a function's code reads: defaults, closure cells, globals, attributes."""
         self.enc(f.__defaults__)
         self.enc(f.__kwdefaults__)
         cells = []
@@ -270,13 +294,19 @@ def _qualified(obj) -> str:
 
 
 def _importable(obj) -> bool:
-    """Library code: found again by importing its module (so its name identifies it)."""
+    """Library code: found again by importing an installed module, so its name identifies it.
+
+    Code of the script and of the user's own modules (a mylib.py next to it, an editable
+    install: anything outside site-packages and the standard library) counts by value, so that
+    editing it is noticed -- the same line dill draws between by-value and by-reference."""
     module = getattr(obj, "__module__", None)
     if module in (None, "__main__") or module.startswith("__mp_main__"):
         return False
     target = sys.modules.get(module)
     qualname = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
     if target is None or not qualname or "<locals>" in qualname:
+        return False
+    if not _installed(target):
         return False
     for part in qualname.split("."):
         target = getattr(target, part, None)
@@ -285,22 +315,49 @@ def _importable(obj) -> bool:
     return target is obj
 
 
+_INSTALLED: dict = {}
+
+
+def _installed(module) -> bool:
+    """Is ``module`` built in, in the standard library, in site-packages, or mpimap itself?"""
+    name = module.__name__
+    known = _INSTALLED.get(name)
+    if known is not None:
+        return known
+    file = getattr(module, "__file__", None)
+    if file is None or name.split(".")[0] == "mpimap":
+        result = True
+    else:
+        import sysconfig
+
+        path = os.path.realpath(file)
+        roots = {os.path.realpath(p) for key in ("stdlib", "platstdlib")
+                 if (p := sysconfig.get_paths().get(key))}
+        parts = set(path.split(os.sep))
+        result = bool(parts & {"site-packages", "dist-packages"}) or \
+            any(path.startswith(r + os.sep) for r in roots)
+    _INSTALLED[name] = result
+    return result
+
+
 _SOURCE_CACHE: dict = {}
 
 
-def _source_tokens(func) -> str | None:
-    """The function's source with comments, blank lines and indentation dropped; None if unread.
+def _source_tokens(obj) -> str | None:
+    """Source of a function or class with comments, blank lines and indentation dropped; None
+    when it cannot be read.
 
     Tokens are joined by one space; an f-string is kept as the exact text it was written as, so
     Python 3.12's f-string tokens give the same text as 3.11's single STRING token.
     """
-    code = func.__code__
-    key = (code.co_filename, code.co_firstlineno, code.co_name)
+    code = getattr(obj, "__code__", None)
+    key = (code.co_filename, code.co_firstlineno, code.co_name) if code is not None else \
+        (id(obj), getattr(obj, "__qualname__", ""))
     cached = _SOURCE_CACHE.get(key)
-    if cached is not None and cached[0] is code:
+    if cached is not None and cached[0] is (code if code is not None else obj):
         return cached[1]
     try:
-        lines, _start = inspect.getsourcelines(func)
+        lines, _start = inspect.getsourcelines(obj)
         source = textwrap.dedent("".join(lines))
         out = []
         skip = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT,
@@ -327,7 +384,7 @@ def _source_tokens(func) -> str | None:
         text = " ".join(out)
     except (OSError, TypeError, SyntaxError, tokenize.TokenError, IndentationError):
         text = None
-    _SOURCE_CACHE[key] = (code, text)
+    _SOURCE_CACHE[key] = (code if code is not None else obj, text)
     return text
 
 
