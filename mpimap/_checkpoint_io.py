@@ -1317,7 +1317,8 @@ def info(path) -> str:
                      f"{os.path.basename(path)} and is ignored")
     for k, run in enumerate(st.runs, 1):
         how = run.get("how") or "killed (no clean end; its results were kept in the journal)"
-        lines.append(f"  run {k:<6} {run.get('started', '?')} on {run.get('host', '?')}, "
+        job = f" (Slurm job {run['slurm_job']})" if run.get("slurm_job") else ""
+        lines.append(f"  run {k:<6} {run.get('started', '?')} on {run.get('host', '?')}{job}, "
                      f"{run.get('ranks', '?')} rank(s): {run.get('new', 0):,} new result(s); "
                      f"{how}")
         if run.get("versions"):
@@ -1517,8 +1518,9 @@ class MapCheckpoint:
         if self.identity_changed:
             self.journal.append({"k": "identity", "identity": self.ident, "total": state.total,
                                  "undone": undone})
-        self.run = {"id": self.run_id, "started": _now(), "host": socket.gethostname(),
-                    "pid": os.getpid(), "ranks": ranks, "versions": _versions(),
+        self.run = {"id": self.run_id, "started": _now(), "pid": os.getpid(), "ranks": ranks,
+                    "host": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+                    "slurm_job": os.environ.get("SLURM_JOB_ID"), "versions": _versions(),
                     "done_before": state.ndone}
         state.runs.append(dict(self.run))
         self.journal.append({"k": "run", "run": self.run})
@@ -1808,7 +1810,7 @@ class MapCheckpoint:
             print(f"mpimap: {signal.Signals(sig).name} received: {st.ndone:,} of {total} items "
                   f"done and saved in {self.path}; rerun to resume.", file=sys.stderr,
                   flush=True)
-            if failure is None or _is_stop(failure):
+            if failure is None:  # (else that exception, often the stop itself, is on its way)
                 raise _stop_exception(sig)
 
     def _consolidate(self, sig, failure):
@@ -1882,10 +1884,6 @@ class MapCheckpoint:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
-
-
-def _is_stop(exc) -> bool:
-    return isinstance(exc, (KeyboardInterrupt, SystemExit))
 
 
 def _fsync_file(path):
