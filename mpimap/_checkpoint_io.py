@@ -64,6 +64,7 @@ from __future__ import annotations
 import datetime
 import errno
 import io
+import collections
 import json
 import os
 import pickle
@@ -92,6 +93,7 @@ _BIG = 64 << 10                 # a record with this much array data is written 
 _BUFFER_MAX = 4 << 20           # buffered journal bytes written without waiting for the timer
 _EMIT_MAX = 4096                # finished items handed back per ready chunk
 _CODEC_NONE, _CODEC_PICKLE, _CODEC_DILL = 0, 1, 2
+_IMMUTABLE = frozenset((float, int, bool, complex, str, bytes, type(None)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,8 +219,9 @@ class _Journal:
     a record is either absent or right.
     """
 
-    def __init__(self, path, interval: float, tmp_fd: int):
+    def __init__(self, path, interval: float, tmp_fd: int, producer=None):
         self.path = path
+        self.producer = producer  # called first in each cycle: turns queued results into records
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.interval = interval
         self.tmp_fd = tmp_fd
@@ -267,6 +270,8 @@ class _Journal:
                     n = 0
 
     def _cycle(self):
+        if self.producer is not None:
+            self.producer()
         with self.lock:
             deferred, self.deferred = self.deferred, []
         if deferred:
@@ -1122,7 +1127,20 @@ def _apply(store: _Store, meta, segs, rows: _RawRows, notes: dict, values_out=No
     gets the decoded results (``load``)."""
     st = store.st
     kind = meta.get("k")
-    if kind == "res":
+    if kind == "batch":
+        try:
+            lists = _serial.loads(meta["codec"], segs[0], segs[1:])
+        except Exception as exc:
+            raise CheckpointError(f"a record of {_side(store.path, 'journal')} cannot be read "
+                                  f"back: {type(exc).__name__}: {exc}") from exc
+        for (start, n, digests), values in zip(meta["chunks"], lists):
+            store.write(start, values, None, digests)
+            notes["results"] = notes.get("results", 0) + n
+            if values_out is not None:
+                if len(values_out) < start + n:
+                    values_out.extend([MISSING] * (start + n - len(values_out)))
+                values_out[start:start + n] = values
+    elif kind == "res":
         start, n = meta["start"], meta["n"]
         try:
             values, failures = _decode_results(meta, segs, store.path, st.versions, rows)
@@ -1165,7 +1183,7 @@ def _apply(store: _Store, meta, segs, rows: _RawRows, notes: dict, values_out=No
 
 
 def _has_results(records) -> bool:
-    return any(m.get("k") in ("res", "identity", "total") for m, _s, _e in records)
+    return any(m.get("k") in ("res", "batch", "identity", "total") for m, _s, _e in records)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1203,8 +1221,9 @@ class _Snapshot:
         self.records = records
         if records:
             self.journal_head = records[0][0]
-        self.notes["journal_results"] = sum(m.get("n", 0) for m, _s, _e in records
-                                            if m.get("k") == "res")
+        self.notes["journal_results"] = sum(
+            m.get("n", 0) if m.get("k") == "res" else sum(c[1] for c in m.get("chunks", ()))
+            for m, _s, _e in records)
 
     @property
     def exists(self) -> bool:
@@ -1386,6 +1405,19 @@ class _Source:
 
     def take(self, n):
         s = self.s
+        if not s.any_skip:  # nothing finished to take out (a fresh map): straight through
+            if self.exhausted or s.failure is not None:
+                return None
+            i = self.taken
+            items = self._pull(n)
+            if not len(items):
+                return self._end()
+            if not s.note_taken(i, items):
+                return None
+            self.taken += len(items)
+            if self.length is None and self.inner.exhausted and not self.back:
+                self._end()
+            return items
         while not self.exhausted and s.failure is None:
             i = self.taken
             k = s.skippable_run(i, _EMIT_MAX)
@@ -1443,6 +1475,13 @@ class MapCheckpoint:
         self.readonly = False
         self.identity_changed = False
         self.keep_files = False
+        self.batching = knob("MPIMAP_CHECKPOINT_FLUSH") > 0
+        self.defer_digests = ranks > 1   # serial: the task gets the item itself (may change it)
+        self.taken: dict = {}            # chunk start -> items, until their results arrive
+        self.queued: collections.deque = collections.deque()
+        self.unstored: list = []
+        self.unstored_n = 0
+        self.any_skip = False
         self.new = 0
         self.unstored_warned = False
         self.grace = knob("MPIMAP_CHECKPOINT_GRACE")
@@ -1508,9 +1547,10 @@ class MapCheckpoint:
         self.identity_changed = old_ident is not None and (
             bool(undone) or old_ident != self.ident or self.old_total != state.total)
         self.skip = state.skip_mask(self.retry_failed)
+        self.any_skip = bool(self.skip.any())
         self._tmp_fd = os.open(self.tmp, os.O_RDONLY)
         self.journal = _Journal(_side(path, "journal"), knob("MPIMAP_CHECKPOINT_FLUSH"),
-                                self._tmp_fd)
+                                self._tmp_fd, producer=self._journal_queued)
         self.journal_id = uuid.uuid4().hex
         self.journal.append({"k": "head", "format": FORMAT, "journal": self.journal_id,
                              "base": state.generation, "identity": self.ident,
@@ -1614,6 +1654,7 @@ class MapCheckpoint:
         self.st = base
         self.store = _Store(self.f, base, self.path)
         self.skip = skip
+        self.any_skip = True
         self.old_total = base.total
         self.source = _Source(source, self)
         self.catcher.__enter__()
@@ -1693,6 +1734,7 @@ class MapCheckpoint:
             st.done[j] = st.failed[j] = False
             st.errors.pop(j, None)
         self.skip = st.skip_mask(self.retry_failed)
+        self.any_skip = bool(self.skip.any())
         self.identity_changed = True
         self.journal.append({"k": "identity", "identity": self.ident, "total": "keep",
                              "undone": list(range(i + first, i + len(items)))})
@@ -1707,11 +1749,13 @@ class MapCheckpoint:
                 [f"the input has more than the {self.old_total:,} items the checkpoint was "
                  f"made for"], st.ndone)))
             return False
-        st.grow(i + n)
-        if len(self.skip) < i + n:
-            self.skip = st.skip_mask(self.retry_failed)
-        st.digests[i:i + n] = np.frombuffer(_identity.digest_items(items),
-                                            np.uint8).reshape(n, 16)
+        if self.defer_digests:
+            self.taken[i] = items  # digested with the results, off the dispatch path
+        else:
+            # Serial: before the task runs, which may change a mutable item in place.
+            st.grow(i + n)
+            st.digests[i:i + n] = np.frombuffer(_identity.digest_items(items),
+                                                np.uint8).reshape(n, 16)
         return True
 
     def input_ended(self, n):
@@ -1739,13 +1783,63 @@ class MapCheckpoint:
 
     def record(self, start, values, failures=()):
         """Results of items start.. arrived; ``failures``: [(offset, type, message, tb)] whose
-        values are the exception objects."""
+        values are the exception objects.
+
+        Numbers and strings (immutable) are only queued here: the journal thread digests their
+        items and writes one record per flush interval, and their rows are stored in batches --
+        per chunk that is a few microseconds on rank 0 instead of a few hundred. Anything else
+        (arrays, failures) is stored and journaled at once."""
         if self.closed or self.readonly:
             return
         n = len(values)
-        st = self.st
+        items = self.taken.pop(start, None) if self.defer_digests else None
+        if self.batching and not failures and set(map(type, values)) <= _IMMUTABLE:
+            digests = None if self.defer_digests else self.st.digests[start:start + n].tobytes()
+            entry = [start, values, items, digests]
+            self.queued.append(entry)   # for the journal thread
+            self.unstored.append(entry)  # for the rows, on this thread
+            self.unstored_n += n
+            self.new += n
+            if self.unstored_n >= 8192:
+                self._store_queued()
+            return
+        self._store_queued()
+        self._record_now(start, values, failures, items)
+
+    def _digests(self, start, n, items) -> bytes:
+        if items is not None:
+            return _identity.digest_items(items[:n])
+        return self.st.digests[start:start + n].tobytes()
+
+    def _store_queued(self):
+        """Rows of the queued results into run.h5.tmp (and the state)."""
+        queued, self.unstored, self.unstored_n = self.unstored, [], 0
+        for entry in queued:
+            if entry[3] is None:  # not yet digested by the journal thread
+                entry[3] = _identity.digest_items(entry[2])
+            self.store.write(entry[0], entry[1], None, entry[3])
+
+    def _journal_queued(self):
+        """Journal thread (or close): one record for every result queued since the last."""
+        entries = []
+        while self.queued:
+            entries.append(self.queued.popleft())
+        if not entries:
+            return
+        chunks = []
+        for entry in entries:
+            if entry[3] is None:
+                entry[3] = _identity.digest_items(entry[2])
+            chunks.append((entry[0], len(entry[1]), entry[3]))
+        packed = _serial.dumps_data([entry[1] for entry in entries], to_worker=True)
+        segments = [packed.data, *packed.buffers]
+        self.journal.append({"k": "batch", "chunks": chunks, "codec": packed.codec,
+                             "lens": [memoryview(x).nbytes for x in segments]}, segments)
+
+    def _record_now(self, start, values, failures, items):
+        n = len(values)
         fails = {off: (t, m, tb) for off, t, m, tb in failures}
-        digests = st.digests[start:start + n].tobytes() if len(st.digests) >= start + n else None
+        digests = self._digests(start, n, items)
         # The rows first (big arrays are written to run.h5.tmp-RUN here, once), then the record
         unstored, refs = self.store.write(start, values, fails, digests)
         fail_meta = []
@@ -1814,6 +1908,7 @@ class MapCheckpoint:
                 raise _stop_exception(sig)
 
     def _consolidate(self, sig, failure):
+        self._store_queued()
         st = self.st
         ndone = st.ndone
         settled = int(np.count_nonzero((st.done | st.failed)[:st.extent]))

@@ -337,9 +337,11 @@ def _times(x):
     return x * 1.5
 
 
-def _partial(path, n=50, done=30, func=_task_array):
-    """A session that recorded ``done`` of ``n`` results of ``func`` and is still open."""
-    session = _checkpoint_io.open_map(_checkpoint.spec(path), func, ItemSource([range(n)]))
+def _partial(path, n=50, done=30, func=_task_array, ranks=1):
+    """A session that recorded ``done`` of ``n`` results of ``func`` and is still open
+    (``ranks`` > 1: as rank 0 of an MPI run records them)."""
+    session = _checkpoint_io.open_map(_checkpoint.spec(path), func, ItemSource([range(n)]),
+                                      ranks=ranks)
     src = session.source
     while src.taken < done:
         items = src.take(min(7, done - src.taken))
@@ -348,18 +350,21 @@ def _partial(path, n=50, done=30, func=_task_array):
     return session
 
 
-def test_a_killed_run_is_recovered_from_its_journal(tmp_path, monkeypatch, capfd):
+@pytest.mark.parametrize("func", [_task_array, _times], ids=["array-rows", "floats-batched"])
+@pytest.mark.parametrize("ranks", [1, 3], ids=["serial", "engine"])
+def test_a_killed_run_is_recovered_from_its_journal(tmp_path, monkeypatch, capfd, func, ranks):
     monkeypatch.setenv("MPIMAP_SERIAL", "1")
-    path = _killed_copy(tmp_path, _partial)
+    path = _killed_copy(tmp_path, lambda p: _partial(p, func=func, ranks=ranks))
     folder = os.path.dirname(path)
     assert not os.path.exists(path)                        # never closed: no run.h5 yet
     assert any(n.startswith("run.h5.tmp-") for n in os.listdir(folder))
     text = _checkpoint.info(path)
     assert "30 of 50 items done" in text and "not yet in run.h5" in text
-    assert [float(a[0]) for a in mpimap.load(path)[:30]] == list(range(30))
-    assert mpimap.load(path)[30] is mpimap.MISSING
-    out = mpimap.pmap(_task_array, range(50), checkpoint=path)
-    assert all(np.array_equal(a, np.full(40000, float(i))) for i, a in enumerate(out))
+    got = mpimap.load(path)
+    assert all(np.array_equal(got[x], func(x)) for x in range(30))
+    assert got[30] is mpimap.MISSING
+    out = mpimap.pmap(func, range(50), checkpoint=path)
+    assert all(np.array_equal(a, func(i)) for i, a in enumerate(out))
     assert "30 result(s) that a killed run left in run.h5.journal were folded" in \
         capfd.readouterr().err
     assert sorted(os.listdir(folder)) == ["run.h5"]
@@ -369,6 +374,7 @@ def test_a_killed_run_is_recovered_from_its_journal(tmp_path, monkeypatch, capfd
 @pytest.mark.parametrize("cut", [1, 7, 33, 200, "half"])
 def test_a_journal_torn_at_any_byte_loses_only_its_last_records(tmp_path, monkeypatch, cut):
     monkeypatch.setenv("MPIMAP_SERIAL", "1")
+    monkeypatch.setenv("MPIMAP_CHECKPOINT_FLUSH", "0")      # a record per result
     path = _killed_copy(tmp_path, lambda p: _partial(p, n=40, done=40, func=_times))
     journal = path + ".journal"
     size = os.path.getsize(journal)
@@ -383,6 +389,7 @@ def test_a_journal_torn_at_any_byte_loses_only_its_last_records(tmp_path, monkey
 
 def test_garbage_in_the_journal_is_cut_at_the_last_good_record(tmp_path, monkeypatch):
     monkeypatch.setenv("MPIMAP_SERIAL", "1")
+    monkeypatch.setenv("MPIMAP_CHECKPOINT_FLUSH", "0")      # a record per result
     path = _killed_copy(tmp_path, lambda p: _partial(p, n=40, done=40, func=float))
     journal = path + ".journal"
     data = bytearray(open(journal, "rb").read())
