@@ -22,9 +22,11 @@ ends the run (SHUTDOWN, or MPI_Abort after MPIMAP_SHUTDOWN_TIMEOUT if a task run
 
 Only handlers still at their defaults are replaced, and only while a checkpointed map runs: a
 script's own handler wins. SIGUSR1 is special. MPICH installs a C handler for it during MPI_Init
-(its failure notice; Python cannot see it) and passes the signal on to the handler that was there
-before. So under ``python -m mpimap`` rank 0 installs ours *before* MPI starts (``install_early``):
-MPICH's still runs, then ours. Outside a checkpointed map ours ignores it (as MPICH's did). Under
+(its failure notice; Python cannot see it): set afterwards, a Python handler would replace it, and
+restoring "the previous handler" would restore Python's idea of it, SIG_DFL. Installed *before*
+MPI_Init, ours still runs (measured with the mpich wheel: MPICH passes the signal on). So under
+``python -m mpimap`` rank 0 installs it early (``install_early``); outside a checkpointed map it
+ignores the signal, as MPICH's handler did. Under
 hydra's mpiexec USR1 *is* that failure notice, sent when a rank dies, so it is left alone there
 (the hydra template warns with SIGINT); a worker never touches a USR1 that MPI catches.
 """
@@ -129,8 +131,6 @@ def spec(checkpoint, pool_common=None, pool_has_common=False, initializer=None,
 
 def _side(path, what):
     return f"{path}.{what}"
-
-
 
 
 # ----------------------------------------------------------------------------------------------

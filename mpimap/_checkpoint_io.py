@@ -5,41 +5,49 @@ The only module that imports h5py, on first use; ``_checkpoint`` is its light fr
 
 Files, for ``checkpoint="run.h5"`` (all in run.h5's folder):
 
-    run.h5           the results, a plain HDF5 file (layout below). Never written in place: each
-                     new version is built as run.h5.tmp, fsynced and renamed over it, so run.h5 is
-                     always a complete file, from the last clean end of a run.
-    run.h5.journal   an append-only log of every result since that version. A kill -9, an OOM
-                     kill or a node failure leaves the results here; the next run folds them in.
-    run.h5.tmp       the next version, built while a map runs; left over only by a crash (removed).
-    run.h5.lock      held (flock) while a run has the checkpoint open; removed at the end.
+    run.h5             the results, a plain HDF5 file (layout below). Never written in place: each
+                       new version is built as run.h5.tmp-RUN, fsynced and renamed over it, so
+                       run.h5 is always a complete file, from the last clean end of a run.
+    run.h5.journal     an append-only log of the running map's results. Left behind only by a run
+                       that was killed (kill -9, out of memory, node failure, SIGKILL after the
+                       grace): the next run folds it into run.h5 before it starts.
+    run.h5.tmp-RUN     the working copy of run RUN (run.h5 + its new rows); after a kill, the
+                       place the journal's references to big array rows point into.
+    run.h5.lock        held (flock) while a run has the checkpoint open.
 
 Data flow on rank 0 (the workers never see the checkpoint):
 
-    open   lock ─▶ run.h5 ─copy─▶ run.h5.tmp ◀─fold── run.h5.journal (records since run.h5)
-           identity of func/common/seed and of every finished item ─▶ same, or CheckpointError
-    run    ItemSource ─▶ _Source: runs of finished items are read back from run.h5.tmp and handed
-           to the map as ready chunks (input order kept); only runs of missing items go to workers
-           a chunk's results ─▶ journal record (CRC32; written and fsynced by a background thread
-                                at least every MPIMAP_CHECKPOINT_FLUSH s, at once when it holds
-                                arrays) ──▶ and rows of run.h5.tmp (native datasets / pickled)
-    close  run.h5.tmp: masks + attributes, close, fsync ─▶ rename over run.h5 ─▶ journal deleted
+    open   lock ─▶ a killed run's journal (+ the rows it points at) folded into run.h5
+           ─▶ identity of func/common/seed and of every finished item: the same, or CheckpointError
+           ─▶ run.h5 ─copy─▶ run.h5.tmp-RUN; a new journal
+    run    ItemSource ─▶ _Source: runs of finished items are read back and handed to the map as
+           ready chunks (input order kept); only runs of missing items go to workers
+           numbers/strings ─queue─▶ journal thread: one record per MPIMAP_CHECKPOINT_FLUSH s
+                            └──────▶ rows of run.h5.tmp-RUN, stored in batches
+           big arrays (rows >= 256 KiB) ─▶ written once, as rows of run.h5.tmp-RUN; the journal
+                                        records where, once that file is fsynced
+           anything else (small arrays, failures, pickled results) ─▶ journal + rows at once
+    close  run.h5.tmp-RUN: masks + attributes, close, fsync ─▶ rename over run.h5 ─▶ journal gone
 
-Why two files. HDF5 keeps metadata (B-trees, heaps, the superblock's end of file) in memory and
-writes it at flush and close; a process killed in between can leave a file HDF5 cannot open, and no
-flush discipline rules that out (SWMR narrows it, but cannot add a dataset once it has started,
-which a late "this result does not fit the native layout" needs). So the HDF5 file is only ever
-produced whole (temp file, fsync, rename) and durability comes from the journal, whose records
-check themselves: a record counts only if its length and its CRC32 (over header, metadata and every
-data byte) are right, so a torn tail -- a kill inside write(), blocks lost by a power cut -- is cut
-at the last good record and the next append goes after it. A damaged run.h5 (a copy cut short, a
-disk error) is moved aside as run.h5.corrupt-TIME, whatever the journal holds is kept, and the run
-goes on. The price is that every result is written twice while the map runs (journal and
-run.h5.tmp), in exchange for never reading the data back at the end of a run.
+Why a journal next to the HDF5 file. HDF5 keeps metadata (B-trees, heaps, the superblock's end of
+file) in memory and writes it at flush and close; a process killed in between leaves a file HDF5
+cannot open (tried: "bad object header version number"), and no flush discipline rules that out
+(SWMR narrows it, but cannot add a dataset once it has started, which a late "this result does not
+fit the native layout" needs). So the HDF5 file is only ever produced whole (temp file, fsync,
+rename) and durability comes from the journal, whose records check themselves: a record counts
+only if its length and its CRC32 (over header, metadata and data) are right, so a torn tail -- a
+kill inside write(), blocks lost by a power cut -- is cut at the last good record. The raw bytes of
+a chunk written with ``write_direct_chunk`` are at a fixed offset of the file at once (checked:
+readable by offset before any flush, and after a kill), so a big array row is written only once,
+into the working copy, and the journal holds (offset, size) instead of the bytes: no data is
+written twice and the journal stays small. A damaged run.h5 (a copy cut short, a disk error) is
+moved aside as run.h5.corrupt-TIME, what the journal holds is kept, and the run goes on.
 
 What a kill loses: results that reached rank 0 are handed to the OS (they survive a kill -9 of the
 job) and fsynced (they survive a crash of the node) at least every MPIMAP_CHECKPOINT_FLUSH seconds
-(default 1; 0: each result is written as it arrives); a record that holds arrays (>= 64 KiB) is
-written at once. Tasks running at the moment of the kill are computed again by the next run.
+(default 1; 0: each result is journaled as it arrives). Records that point at rows are written
+only after the working copy is fsynced, so a record on disk never points at bytes that are not.
+Tasks running at the moment of the kill are computed again by the next run.
 
 Layout of run.h5, readable with h5py alone (N = number of items):
 
@@ -61,10 +69,10 @@ Float datasets hold NaN where there is no result. ``load`` gives back the Python
 
 from __future__ import annotations
 
+import collections
 import datetime
 import errno
 import io
-import collections
 import json
 import os
 import pickle
@@ -89,7 +97,7 @@ __all__ = ["MapCheckpoint", "info", "load", "open_map"]
 FORMAT = 1
 _MAGIC = b"MPJ1"
 _HDR = struct.Struct("<4sIQI")  # magic, meta length, body length, crc32
-_BIG = 64 << 10                 # a record with this much array data is written at once
+_BIG = 64 << 10                 # a record with this much data is written at once, not buffered
 _BUFFER_MAX = 4 << 20           # buffered journal bytes written without waiting for the timer
 _EMIT_MAX = 4096                # finished items handed back per ready chunk
 _CODEC_NONE, _CODEC_PICKLE, _CODEC_DILL = 0, 1, 2
@@ -360,7 +368,6 @@ class _RawRows:
         self.path = path
         self.dry = dry
         self.fds: dict = {}
-        self.missing: set = set()
 
     def read(self, run_id, offset, nbytes, dtype, shape):
         fd = self.fds.get(run_id)
@@ -368,7 +375,6 @@ class _RawRows:
             try:
                 fd = self.fds[run_id] = os.open(_tmp_name(self.path, run_id), os.O_RDONLY)
             except OSError:
-                self.missing.add(run_id)
                 raise _RowsLost(run_id) from None
         if self.dry:
             if os.fstat(fd).st_size < offset + nbytes:
