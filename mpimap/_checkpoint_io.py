@@ -1481,6 +1481,7 @@ class MapCheckpoint:
         self.readonly = False
         self.identity_changed = False
         self.keep_files = False
+        self.broken = False
         self.batching = knob("MPIMAP_CHECKPOINT_FLUSH") > 0
         self.defer_digests = ranks > 1   # serial: the task gets the item itself (may change it)
         self.taken: dict = {}            # chunk start -> items, until their results arrive
@@ -1795,8 +1796,23 @@ class MapCheckpoint:
         items and writes one record per flush interval, and their rows are stored in batches --
         per chunk that is a few microseconds on rank 0 instead of a few hundred. Anything else
         (arrays, failures) is stored and journaled at once."""
-        if self.closed or self.readonly:
+        if self.closed or self.readonly or self.broken:
             return
+        try:
+            self._record(start, values, failures)
+        except (OSError, CheckpointError) as exc:
+            self._break(exc)
+
+    def _break(self, exc):
+        """Writing failed (a full disk...): the map goes on and returns its results; what is on
+        disk stays for the next run, which folds it in."""
+        self.broken = True
+        self.keep_files = True
+        print(f"mpimap: checkpoint {self.path}: writing failed ({type(exc).__name__}: {exc}); "
+              f"this map goes on WITHOUT saving its results. What was saved so far is kept and "
+              f"the next run resumes from it.", file=sys.stderr, flush=True)
+
+    def _record(self, start, values, failures):
         n = len(values)
         items = self.taken.pop(start, None) if self.defer_digests else None
         if self.batching and not failures and set(map(type, values)) <= _IMMUTABLE:
@@ -1901,7 +1917,7 @@ class MapCheckpoint:
         failure = failure or self.failure
         sig = _STOP.signum
         try:
-            if not self.readonly:
+            if not self.readonly and not self.broken:
                 self._consolidate(sig, failure)
         finally:
             self._abandon()

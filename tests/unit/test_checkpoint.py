@@ -566,3 +566,26 @@ def test_golden_checkpoint_v1_loads_and_resumes(tmp_path, monkeypatch, marks):
             assert v == want
         else:
             assert v[0] == want[0] and np.array_equal(v[1], want[1])
+
+
+def test_a_full_disk_does_not_lose_the_maps_results(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("MPIMAP_SERIAL", "1")
+    monkeypatch.setenv("MPIMAP_CHECKPOINT_FLUSH", "0")      # a record per result
+    path = str(tmp_path / "run.h5")
+    append = _checkpoint_io._Journal.append
+    calls = []
+
+    def failing(self, meta, *a, **k):
+        if meta.get("k") == "res":
+            calls.append(1)
+            if len(calls) > 10:
+                raise OSError(28, "No space left on device")
+        return append(self, meta, *a, **k)
+
+    monkeypatch.setattr(_checkpoint_io._Journal, "append", failing)
+    assert mpimap.pmap(_times, range(30), checkpoint=path) == [x * 1.5 for x in range(30)]
+    assert "WITHOUT saving" in capfd.readouterr().err
+    monkeypatch.setattr(_checkpoint_io._Journal, "append", append)
+    assert mpimap.load(path)[:10] == [x * 1.5 for x in range(10)]   # kept for the next run
+    assert mpimap.pmap(_times, range(30), checkpoint=path) == [x * 1.5 for x in range(30)]
+    assert "30 of 30 items done" in _checkpoint.info(path)
