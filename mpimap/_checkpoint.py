@@ -14,8 +14,8 @@ handing out work, cancels queued chunks, waits up to MPIMAP_CHECKPOINT_GRACE s (
 chunks already running, writes what arrived, says "N of M done; rerun to resume" and raises
 SystemExit(128 + signal) -- KeyboardInterrupt for SIGINT -- so the job ends non-zero within a few
 seconds, well inside Slurm's 30 s between SIGTERM and SIGKILL. A second Ctrl-C while a serial task
-runs interrupts it at once. The flag stays set: a later checkpointed map of the same process stops
-at once (the job was asked to end).
+runs interrupts it at once. The flag is consumed by that exception: a Jupyter kernel interrupted
+once can map again.
 
 A worker ignores TERM/INT/USR1 while it holds a checkpointed map: it finishes its task, and rank 0
 ends the run (SHUTDOWN, or MPI_Abort after MPIMAP_SHUTDOWN_TIMEOUT if a task runs on).

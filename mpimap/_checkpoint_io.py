@@ -1922,6 +1922,7 @@ class MapCheckpoint:
         finally:
             self._abandon()
         if sig is not None:
+            _STOP.signum = None  # consumed by the exception below (a Jupyter kernel goes on)
             total = f"{st.total:,}" if st.total is not None else "?"
             print(f"mpimap: {signal.Signals(sig).name} received: {st.ndone:,} of {total} items "
                   f"done and saved in {self.path}; rerun to resume.", file=sys.stderr,

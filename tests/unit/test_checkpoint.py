@@ -489,7 +489,6 @@ def test_sigterm_saves_what_finished_and_exits_143(mode, tmp_path, marks, capfd)
     k = sum(v is not mpimap.MISSING for v in done)
     assert 15 <= k < 400
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # restored after the map
-    _checkpoint._STOP.signum = None
     reset(marks)
     assert mpimap.pmap(counted(marks, f), range(400), checkpoint=path) == \
         [x + 0.5 for x in range(400)]
@@ -509,6 +508,8 @@ def test_sigint_is_a_keyboardinterrupt_after_saving(tmp_path, marks, monkeypatch
         mpimap.pmap(counted(marks, f), range(50), checkpoint=path)
     assert "6 of 50 items done" in _checkpoint.info(path)
     assert "stopped by SIGINT" in _checkpoint.info(path)
+    # interrupted once (a Jupyter kernel): the next map runs, and resumes
+    assert mpimap.pmap(counted(marks, f), range(50), checkpoint=path) == list(range(50))
 
 
 def test_a_script_handler_is_left_alone(tmp_path, marks, monkeypatch):
@@ -589,3 +590,18 @@ def test_a_full_disk_does_not_lose_the_maps_results(tmp_path, monkeypatch, capfd
     assert mpimap.load(path)[:10] == [x * 1.5 for x in range(10)]   # kept for the next run
     assert mpimap.pmap(_times, range(30), checkpoint=path) == [x * 1.5 for x in range(30)]
     assert "30 of 30 items done" in _checkpoint.info(path)
+
+
+def test_the_checkpoint_info_command(tmp_path, monkeypatch, capsys):
+    from mpimap import cli
+
+    monkeypatch.setenv("MPIMAP_SERIAL", "1")
+    path = str(tmp_path / "run.h5")
+    mpimap.pmap(_times, range(12), checkpoint=path)
+    assert cli.main(["checkpoint", "info", path]) == 0
+    out = capsys.readouterr().out
+    assert "12 of 12 items done (100.0%), 0 failed, 0 missing" in out
+    assert "`_times` (test_checkpoint.py:" in out and "layout     /result float64" in out
+    assert "written by mpimap " in out and "dill " in out and "numpy " in out
+    assert cli.main(["checkpoint", "info", str(tmp_path / "nothing.h5")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
