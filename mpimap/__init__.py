@@ -5,12 +5,16 @@
 Run the script with ``mpiexec -n 8 python -m mpimap script.py`` (or ``mpimap run -n 8
 script.py``); with plain ``python script.py`` the same code runs serially, with the same results.
 
+With ``checkpoint="run.h5"`` results stream to an HDF5 file and a rerun computes only what is
+missing; ``mpimap.load("run.h5")`` reads them back.
+
 This module imports neither mpi4py nor h5py: a serial run never starts MPI.
 """
 
+from ._checkpoint import MISSING, Checkpoint, load
 from ._errors import (BundleError, CheckpointError, MpimapError, RemoteError, SerializationError,
                       WorkerLostError)
-from ._pool import NotAvailableError, Pool, imap, imap_unordered, pmap
+from ._pool import Pool, imap, imap_unordered, pmap
 from ._runtime import install_excepthook as _install_excepthook
 from ._runtime import is_root
 from ._task import TaskInfo, rng, task
@@ -19,9 +23,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BundleError",
+    "Checkpoint",
     "CheckpointError",
+    "MISSING",
     "MpimapError",
-    "NotAvailableError",
     "Pool",
     "RemoteError",
     "SerializationError",
@@ -30,6 +35,7 @@ __all__ = [
     "imap",
     "imap_unordered",
     "is_root",
+    "load",
     "pmap",
     "rng",
     "task",

@@ -21,6 +21,12 @@ Data flow of one map:
         RESULT outputs (files tasks created) ──▶ written under rank 0's cwd, even for a
         cancelled map; two items creating one path ──▶ BundleError naming both
 
+With ``checkpoint=`` (see ``_checkpoint``) the input goes through the checkpoint's source, which
+takes finished items out and hands them back as ready chunks (in order, never sent to a worker);
+every RESULT is also recorded in the checkpoint; a stop signal makes ``fill`` hand out nothing more,
+cancel queued chunks and wait (at most MPIMAP_CHECKPOINT_GRACE) for running ones; ``finish``
+writes the checkpoint.
+
 Several maps can be open at once (two imap generators consumed in turn): results are routed by job
 id, and chunks of a cancelled map that were already running come back and are dropped.
 """
@@ -109,6 +115,8 @@ class Job:
         self.closed = False
         self.ranks_seen: set = set()
         self.scratch_ranks: set = set()
+        self.checkpoint = None  # _checkpoint.MapCheckpoint
+        self.stop_by = None     # after a stop signal: when to stop waiting for running chunks
 
     @property
     def complete(self) -> bool:
@@ -317,7 +325,8 @@ class Engine:
 
     def start(self, func, iterables, *, common_obj=None, per_map_common=None,
               has_common=False, pool=None, chunksize=None, ordered=True, errors="raise",
-              progress=False, seed=None, lazy=False, files=None, modules=None) -> Job:
+              progress=False, seed=None, lazy=False, files=None, modules=None,
+              checkpoint=None) -> Job:
         self._require_workers()
         source = ItemSource(iterables)
         jid = next(self._ids)
@@ -343,13 +352,27 @@ class Engine:
                 self.pool_code.setdefault(pool, set()).add(func_obj.id)
             else:
                 per_map.append(func_obj.id)
-        if has_common and common_obj is None:
+        map_common = has_common and common_obj is None
+        if map_common:
             common_obj = self.data_object(per_map_common, "common", "common", job=jid)
             per_map.append(common_obj.id)
+        ck = None
+        if checkpoint is not None:
+            from . import _checkpoint
+
+            try:
+                ck = _checkpoint.open_map(checkpoint, func, source, common=per_map_common,
+                                          has_common=map_common, seed=seed, errors=errors,
+                                          ranks=self.nworkers + 1)
+            except BaseException:
+                for oid in per_map:
+                    self.objects.pop(oid, None)
+                raise
+            source = ck.source
         spec = {"job": jid, "func": func_obj.id,
                 "common": None if common_obj is None else common_obj.id,
                 "pool": pool, "seed": seed, "nargs": source.nargs,
-                "fail_fast": errors == "raise",
+                "fail_fast": errors == "raise", "checkpoint": ck is not None,
                 "bundle": None if bundle is None else {"id": bundle.id, "files": bundle.has_files,
                                                        "top": bundle.top}}
         if bundle is not None and bundle.has_files:
@@ -363,6 +386,10 @@ class Engine:
         job = Job(self, jid, spec, source, planner, ordered, errors == "raise", bar,
                   read_ahead if lazy else None, per_map)
         job.func_obj = func_obj
+        if ck is not None:
+            job.checkpoint = ck
+            ck.on_done = lambda start, values, failed: self._ready_done(job, values, failed)
+            ck.on_error = lambda exc: self._fail(job, exc)
         self.jobs[jid] = job
         self._place(func_obj)
         if common_obj is not None:
@@ -380,6 +407,8 @@ class Engine:
     def fill(self, job: Job) -> None:
         """Hand chunks of ``job`` to workers with room, least loaded first."""
         if job.failure is not None or job.closed:
+            return
+        if job.checkpoint is not None and self._stopping(job):
             return
         limit = self._read_ahead_limit(job)
         depth = job.planner.depth()
@@ -436,6 +465,38 @@ class Engine:
         job.outstanding[cid] = (w.rank, start, n)
         self.hub.send(w.rank, Frame(TASK, meta, payloads))
 
+    def _ready_done(self, job: Job, values, failed) -> bool:
+        """Results of finished items read back from the checkpoint: a chunk that is ready."""
+        if failed and job.fail_fast:  # a recorded failure that is not retried
+            self._fail(job, values[failed[0]])
+            return False
+        cid = job.next_chunk
+        job.next_chunk += 1
+        job.items_done += len(values)
+        if job.progress is not None:
+            job.progress.update(len(values))
+        if job.ordered:
+            job.ready[cid] = values
+        else:
+            job.ready_order.append(values)
+        return True
+
+    def _stopping(self, job: Job) -> bool:
+        """After a stop signal: no new chunks; queued ones are cancelled, running ones awaited
+        for at most the grace period; then the map fails with the signal's exception."""
+        ck = job.checkpoint
+        if ck.stop_signal() is None:
+            return False
+        now = time.monotonic()
+        if job.stop_by is None:
+            job.stop_by = now + ck.grace
+            for r in {r for r, _s, _n in job.outstanding.values()}:
+                if self.workers[r].alive:
+                    self.hub.send(r, Frame(CANCEL, job.id))
+        if not job.outstanding or now >= job.stop_by:
+            self._fail(job, ck.stopped())
+        return True
+
     def _attach_forget(self, w, meta):
         meta["drop"] = [x for k, x in w.forget if k == "drop"]
         meta["forget"] = [x for k, x in w.forget if k == "job"]
@@ -471,6 +532,9 @@ class Engine:
                 import sys
 
                 print(f"mpimap: {clash}", file=sys.stderr)
+            if job is not None and not job.closed and meta.get("cancelled") \
+                    and job.stop_by is not None:
+                job.outstanding.pop(cid, None)  # never ran: a stopping map stops waiting for it
             return
         entry = job.outstanding.pop(cid, None)
         if entry is None:
@@ -505,9 +569,14 @@ class Engine:
                 exc = _rebuild(tname, text, tb, packed,
                                f"item {start + offset} on {w.where}")
                 if job.fail_fast:
+                    if job.checkpoint is not None:  # what ran before it is kept
+                        job.checkpoint.record(start, results[:offset] + [exc],
+                                              [(offset, tname, text, tb)])
                     self._fail(job, exc)
                     return
                 results[offset] = exc
+        if job.checkpoint is not None:
+            job.checkpoint.record(start, results, [e[:4] for e in meta["errors"]])
         job.items_done += n
         if job.progress is not None:
             job.progress.update(n)
@@ -574,7 +643,8 @@ class Engine:
             if seen:
                 w.jobs.discard(job.id)
                 w.forget.append(("job", job.id))
-            urgent = seen and w.rank in job.scratch_ranks
+            # a checkpointed map's workers take their signal handlers back at once
+            urgent = seen and (w.rank in job.scratch_ranks or job.checkpoint is not None)
             for oid in drop & w.objects:
                 w.objects.discard(oid)
                 w.forget.append(("drop", oid))
@@ -583,6 +653,9 @@ class Engine:
                 meta = {}
                 self._attach_forget(w, meta)
                 self.hub.send(w.rank, Frame(DROP, meta))
+        if job.checkpoint is not None:
+            # Writes the file; raises the stop signal's exception if one came.
+            job.checkpoint.close(job.failure)
 
     # -- iteration ---------------------------------------------------------------------------------
 
@@ -594,7 +667,9 @@ class Engine:
             soonest = min(n for _r, _s, n in job.outstanding.values()) * per_item
             if soonest > 4 * spin:
                 spin = 0.0
-        self.progress(None, spin)
+        # A checkpointed map wakes up now and then to notice a stop signal (its handler only
+        # sets a flag; a wait would resume after it).
+        self.progress(None if job.checkpoint is None else 0.25, spin)
 
     def iterate(self, job: Job):
         """Generator of results (input order if ``job.ordered``, else completion order)."""

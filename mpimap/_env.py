@@ -114,6 +114,12 @@ KNOBS = {
              "run every map in-process even under a launcher (debugging)"),
         Knob("MPIMAP_NO_THREAD_LIMITS", False, _bool,
              "do not cap BLAS/OpenMP threads to 1 on serving ranks"),
+        Knob("MPIMAP_CHECKPOINT_FLUSH", 1.0, lambda t: max(0.0, float(t)),
+             "checkpoints: seconds between writes (and fsyncs) of the journal; a kill -9 loses "
+             "at most the results of this last interval (0: write each result as it arrives)"),
+        Knob("MPIMAP_CHECKPOINT_GRACE", 5.0, lambda t: max(0.0, float(t)),
+             "checkpoints: seconds rank 0 waits for running tasks after SIGTERM/SIGINT/SIGUSR1 "
+             "before it saves and exits"),
         Knob("MPIMAP_LAUNCHER", "auto", _choice("auto", "srun", "mpiexec", "hydra", "openmpi"),
              "which launcher `mpimap run` uses (auto: srun inside a Slurm allocation, else the "
              "mpiexec of mpi4py's MPI library)"),

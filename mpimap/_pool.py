@@ -5,25 +5,11 @@ from __future__ import annotations
 import numbers
 
 from . import _runtime
-from ._errors import MpimapError
 
 __all__ = ["Pool", "imap", "imap_unordered", "pmap"]
 
 
-class NotAvailableError(MpimapError, NotImplementedError):
-    """A documented option that this version of mpimap does not provide yet."""
-
-
-_LATER = {
-    "checkpoint": "checkpoints (checkpoint=) are not available yet in this version of mpimap; "
-                  "until they are, save results yourself as they arrive from imap()",
-}
-
-
-def _check(func, errors, ordered, seed, progress, files=None, modules=None, checkpoint=None,
-           chunksize=None):
-    if checkpoint is not None:
-        raise NotAvailableError(_LATER["checkpoint"])
+def _check(func, errors, ordered, seed, progress, files=None, modules=None, chunksize=None):
     _check_bundle_args(files, modules)
     if not callable(func):
         raise TypeError(f"the function to map must be callable; got {type(func).__name__}")
@@ -69,7 +55,8 @@ def pmap(func, iterable, *iterables, common=None, files=None, modules=None, chun
     raises the first task exception to arrive (its own type, with the remote traceback chained);
     ``errors="return"`` puts exception objects in place of results. ``seed`` makes
     ``mpimap.rng()`` inside a task depend on (seed, item index) only. ``chunksize=None`` picks
-    chunk sizes automatically.
+    chunk sizes automatically. ``checkpoint="run.h5"`` (or ``mpimap.Checkpoint(...)``) writes
+    results to an HDF5 file as they arrive; a rerun computes only the missing items.
 
     ``files=[path, dir, glob, ...]`` (relative to the current directory) are bundled once,
     staged once per node into a node-local cache, and opened inside tasks by the same relative
@@ -81,11 +68,11 @@ def pmap(func, iterable, *iterables, common=None, files=None, modules=None, chun
     ``mpiexec python script.py`` every rank calls it and ranks other than 0 get ``None``.
     Inside a task it runs serially in that task.
     """
-    seed = _check(func, errors, ordered, seed, progress, files, modules, checkpoint, chunksize)
+    seed = _check(func, errors, ordered, seed, progress, files, modules, chunksize)
     return _runtime.executor().map(None, func, (iterable, *iterables), common=common,
                                    has_common=common is not None, chunksize=chunksize,
                                    ordered=ordered, errors=errors, progress=progress, seed=seed,
-                                   files=files, modules=modules)
+                                   files=files, modules=modules, **_ck(checkpoint))
 
 
 def imap(func, iterable, *iterables, common=None, files=None, modules=None, chunksize=None,
@@ -96,21 +83,32 @@ def imap(func, iterable, *iterables, common=None, files=None, modules=None, chun
     generator of millions of items is never held in memory. Leaving the loop early cancels the
     rest.
     """
-    seed = _check(func, errors, True, seed, progress, files, modules, checkpoint, chunksize)
+    seed = _check(func, errors, True, seed, progress, files, modules, chunksize)
     return _runtime.executor().imap(None, func, (iterable, *iterables), common=common,
                                     has_common=common is not None, chunksize=chunksize,
                                     ordered=True, errors=errors, progress=progress, seed=seed,
-                                    files=files, modules=modules)
+                                    files=files, modules=modules, **_ck(checkpoint))
 
 
 def imap_unordered(func, iterable, *iterables, common=None, files=None, modules=None,
                    chunksize=None, errors="raise", progress=False, checkpoint=None, seed=None):
     """Like ``imap``, but results come in completion order."""
-    seed = _check(func, errors, False, seed, progress, files, modules, checkpoint, chunksize)
+    seed = _check(func, errors, False, seed, progress, files, modules, chunksize)
     return _runtime.executor().imap(None, func, (iterable, *iterables), common=common,
                                     has_common=common is not None, chunksize=chunksize,
                                     ordered=False, errors=errors, progress=progress, seed=seed,
-                                    files=files, modules=modules)
+                                    files=files, modules=modules, **_ck(checkpoint))
+
+
+def _ck(checkpoint, pool=None) -> dict:
+    """``checkpoint=`` checked before any work; executors get it only when one is given."""
+    if checkpoint is None:
+        return {}
+    from . import _checkpoint
+
+    if pool is None:
+        return {"checkpoint": _checkpoint.spec(checkpoint)}
+    return {"checkpoint": _checkpoint.spec(checkpoint, *pool._identity)}
 
 
 class Pool:
@@ -131,6 +129,8 @@ class Pool:
         self._handle = self._executor.open_pool(common, common is not None, initializer,
                                                 tuple(initargs))
         self._closed = False
+        # what a checkpointed map of this pool also depends on (hashed only if one is used)
+        self._identity = (common, common is not None, initializer, tuple(initargs))
 
     @property
     def size(self) -> int:
@@ -143,25 +143,25 @@ class Pool:
         return self._executor
 
     def map(self, func, iterable, *iterables, chunksize=None, ordered=True, errors="raise",
-            progress=False, seed=None):
+            progress=False, seed=None, checkpoint=None):
         seed = _check(func, errors, ordered, seed, progress, chunksize=chunksize)
         return self._live().map(self._handle, func, (iterable, *iterables),
                                 chunksize=chunksize, ordered=ordered, errors=errors,
-                                progress=progress, seed=seed)
+                                progress=progress, seed=seed, **_ck(checkpoint, self))
 
     def imap(self, func, iterable, *iterables, chunksize=None, errors="raise", progress=False,
-             seed=None):
+             seed=None, checkpoint=None):
         seed = _check(func, errors, True, seed, progress, chunksize=chunksize)
         return self._live().imap(self._handle, func, (iterable, *iterables),
                                  chunksize=chunksize, ordered=True, errors=errors,
-                                 progress=progress, seed=seed)
+                                 progress=progress, seed=seed, **_ck(checkpoint, self))
 
     def imap_unordered(self, func, iterable, *iterables, chunksize=None, errors="raise",
-                       progress=False, seed=None):
+                       progress=False, seed=None, checkpoint=None):
         seed = _check(func, errors, False, seed, progress, chunksize=chunksize)
         return self._live().imap(self._handle, func, (iterable, *iterables),
                                  chunksize=chunksize, ordered=False, errors=errors,
-                                 progress=progress, seed=seed)
+                                 progress=progress, seed=seed, **_ck(checkpoint, self))
 
     def close(self) -> None:
         """Free the pool's common data on the workers. The worker processes stay up."""

@@ -59,7 +59,7 @@ class SerialExecutor:
 
     def imap(self, pool, func, iterables, *, common=None, has_common=False, chunksize=None,
              ordered=True, errors="raise", progress=False, seed=None, lazy=True, files=None,
-             modules=None):
+             modules=None, checkpoint=None):
         from ._driver import _progress_bar
         from ._schedule import ItemSource
 
@@ -73,51 +73,115 @@ class SerialExecutor:
             resolve(modules)
 
         source = ItemSource(iterables)
+        ck = None
+        if checkpoint is not None:
+            from . import _checkpoint
+
+            ck = _checkpoint.open_map(checkpoint, func, source, common=common,
+                                      has_common=has_common, seed=seed, errors=errors, ranks=1)
+            source = ck.source
         if pool is not None and pool[1]:
             has_common, frozen = True, pool[2]
         elif has_common:
             frozen = _freeze_common(common)
         bar = _progress_bar(progress, source.length)
         return self._run(func, source, has_common, frozen if has_common else None, errors,
-                         seed, bar)
+                         seed, bar, ck)
 
     @staticmethod
-    def _run(func, source, has_common, common, errors, seed, bar):
+    def _run(func, source, has_common, common, errors, seed, bar, ck=None):
         star = source.nargs > 1
         outer = _task.current()
         start = 0
         sid = _task.serial_job()
+        ready: list = []  # finished items read back from a checkpoint, in input order
+        if ck is not None:
+            def on_done(_start, values, failed):
+                if failed and errors == "raise":
+                    ck._fail(values[failed[0]])
+                ready.append(values)
+                return True
+
+            ck.on_done = on_done
+        failure = None
         try:
             while True:
+                if ck is not None and ck.stop_signal() is not None:
+                    return  # ck.close() saves, says so and raises the signal's exception
                 items = source.take(1024)
+                for values in ready:
+                    if bar is not None:
+                        bar.update(len(values))
+                    yield from values
+                ready.clear()
                 if items is None:
                     return
+                if ck is not None:
+                    start = source.taken - len(items)
                 out: list = []
                 state = _task._Running(start, out, seed, 0, 1, _node_name(), _host_name(), 0,
                                        scratch_job=sid)
                 for item in items:
                     args = item if star else (item,)
+                    index = state.index
                     _task.begin(state)
                     try:
+                        if ck is not None:
+                            ck.set_in_task(True)
                         value = func(*args, common) if has_common else func(*args)
                     except Exception as exc:
+                        if ck is not None:
+                            ck.set_in_task(False)
+                            ck.record(index, [exc], [(0, _type_name(exc), _safe_str(exc),
+                                                      _format_exc(exc))])
                         if errors == "raise":
                             _note(exc, f"mpimap: raised by item {state.index} (serial, "
                                        f"in-process)")
                             raise
                         value = exc
+                    else:
+                        if ck is not None:
+                            ck.set_in_task(False)
+                            ck.record(index, [value])
                     finally:
                         _task.begin(outer)
                     out.append(value)
                     if bar is not None:
                         bar.update(1)
                     yield value
+                    if ck is not None and ck.stop_signal() is not None:
+                        return
                 start += len(items)
+        except GeneratorExit:
+            raise  # the loop over imap() was left: not a failure
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
             _task.begin(outer)
             _task.remove_scratch(sid, 0)
             if bar is not None:
                 bar.close()
+            if ck is not None:
+                ck.set_in_task(False)
+                ck.close(failure)
+
+
+def _type_name(exc) -> str:
+    t = type(exc)
+    return t.__qualname__ if t.__module__ in ("builtins", "__main__") else \
+        f"{t.__module__}.{t.__qualname__}"
+
+
+def _safe_str(exc) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<{type(exc).__name__}: str() failed>"
+
+
+def _format_exc(exc) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
 def _note(exc, text):
@@ -433,6 +497,9 @@ def main(argv=None) -> None:
     if guard:
         _guard()
     _check_launcher_before_init()
+    from . import _checkpoint
+
+    _checkpoint.install_early()  # before MPI_Init: MPICH's SIGUSR1 handler then chains to ours
     from . import _mpi
 
     rank = _mpi.world_rank()

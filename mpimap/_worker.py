@@ -15,7 +15,8 @@ that is already running finishes (its result is discarded by rank 0). Every TASK
 RESULT, so rank 0 always knows how many chunks each worker holds.
 
 A task's exception never ends the worker: it is recorded with its traceback, and the rest of the
-chunk runs (errors="return") or is skipped (errors="raise", fail fast).
+chunk runs (errors="return") or is skipped (errors="raise", fail fast). While it holds a map with a
+checkpoint, SIGTERM/SIGINT/SIGUSR1 are ignored (``_checkpoint.worker_signals``): rank 0 decides.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 import traceback
 from collections import deque
 
-from . import _serial, _task, _workdir
+from . import _checkpoint, _serial, _task, _workdir
 from ._errors import MpimapError, SerializationError
 from ._shm import ShareUnavailable
 from ._transport import (BUNDLE, CANCEL, DROP, POOL, PUT, RELEASE, REPLY, RESULT, SHUTDOWN, TASK,
@@ -45,13 +46,14 @@ class _Failed:
 
 class _Job:
     __slots__ = ("id", "func", "common", "seed", "nargs", "fail_fast", "setup_error", "bundle",
-                 "dirs")
+                 "dirs", "checkpoint")
 
     def __init__(self, spec, objects, overlays, undo=None):
         self.id = spec["job"]
         self.seed = spec["seed"]
         self.nargs = spec["nargs"]
         self.fail_fast = spec["fail_fast"]
+        self.checkpoint = bool(spec.get("checkpoint"))
         self.setup_error = None
         self.bundle = spec.get("bundle")
         self.dirs = None
@@ -220,6 +222,8 @@ class Worker:
                         g[name] = old
         for jid in meta.get("forget", ()):
             job = self.jobs.pop(jid, None)
+            if job is not None and job.checkpoint:
+                _checkpoint.worker_signals(False)
             self.cancelled.discard(jid)
             if job is not None and job.dirs is not None and job.dirs.touched():
                 _task.remove_scratch(jid, self.ep.rank, self.ep.info.node)
@@ -271,6 +275,9 @@ class Worker:
         spec = meta.get("spec")
         if spec is not None:
             self.jobs[jid] = _Job(spec, self.objects, self.overlays, self.undo)
+            if spec.get("checkpoint"):
+                # a stop signal must not end this rank: rank 0 saves the results and ends the run
+                _checkpoint.worker_signals(True)
         reply = {"job": jid, "chunk": meta["chunk"], "n": meta["n"], "seconds": 0.0,
                  "errors": []}
         job = self.jobs.get(jid)

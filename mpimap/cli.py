@@ -1,7 +1,8 @@
 """The ``mpimap`` command: argument parsing only; the work is done elsewhere.
 
 One function per subcommand; each turns its arguments into a call to the module that does the
-work (_launch for run, _slurm for sbatch, _bundle / _cache for bundle and cache).
+work (_launch for run, _slurm for sbatch, _bundle / _cache for bundle and cache,
+_checkpoint for checkpoint info).
 """
 
 from __future__ import annotations
@@ -159,6 +160,17 @@ def _cache_purge(args) -> int:
     return 0
 
 
+def _checkpoint_info(args) -> int:
+    from . import _checkpoint
+    from ._errors import CheckpointError
+
+    try:
+        print(_checkpoint.info(args.path))
+    except CheckpointError as exc:
+        return _fail("checkpoint info", exc)
+    return 0
+
+
 _LAUNCHER_HELP = ("auto (default; or $MPIMAP_LAUNCHER): srun inside a Slurm allocation, else the "
                   "mpiexec of the MPI library mpi4py loads; srun; mpiexec; hydra; openmpi")
 
@@ -286,6 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--all", action="store_true", help="every bundle not in use")
     q.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
     q.set_defaults(func=_cache_purge)
+
+    p = sub.add_parser("checkpoint", help="inspect a checkpoint file (checkpoint= of pmap)")
+    csub = p.add_subparsers(dest="checkpoint_command", required=True, metavar="COMMAND")
+    q = csub.add_parser("info", help="done/total, failures, the function, runs and versions",
+                        description="Print what checkpoint PATH holds: how many items are "
+                                    "done, failed and missing, the function and inputs it "
+                                    "belongs to, the runs that wrote it and their versions. "
+                                    "Reads results a killed run left in PATH.journal too; "
+                                    "changes no file.")
+    q.add_argument("path", metavar="PATH")
+    q.set_defaults(func=_checkpoint_info)
     return parser
 
 

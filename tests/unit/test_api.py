@@ -45,7 +45,9 @@ def test_importing_mpimap_does_not_start_mpi():
     ({"files": ["no/such/dir/"]}, mpimap.BundleError, "'no/such/dir/' does not exist"),
     ({"files": 3}, TypeError, "files= must be a list of paths"),
     ({"modules": ["no_such_module_xyz"]}, mpimap.BundleError, "no module named"),
-    ({"checkpoint": "run.h5"}, mpimap.NotAvailableError, "checkpoint"),
+    ({"checkpoint": 3}, TypeError, "checkpoint must be a path"),
+    ({"checkpoint": "/no/such/folder/run.h5"}, ValueError, "folder '/no/such/folder' does not"),
+    ({"checkpoint": "/"}, ValueError, "is a folder"),
 ])
 def test_bad_arguments_fail_before_any_work(kwargs, error, text):
     with pytest.raises(error, match=text):
