@@ -25,14 +25,14 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+from _report import RESULTS, med, result_of, write_section  # bench/ is sys.path[0]
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-RESULTS = HERE / "RESULTS.md"
 WORK = HERE / "out" / "bundle"
 DATA = WORK / "data"
 BEGIN, END = "<!-- bundle:begin -->", "<!-- bundle:end -->"
@@ -80,11 +80,7 @@ def launch(layout, argv, env):
         cmd = ["srun", "--mpi=pmi2", "--kill-on-bad-exit=1", py, *argv]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=HERE,
                           env={**os.environ, **env})
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"{' '.join(cmd)} failed (rc={proc.returncode}):\n{proc.stdout}\n"
-                       f"{proc.stderr}")
+    return result_of(proc, " ".join(cmd))
 
 
 def measure(layout, cases, reps):
@@ -112,10 +108,6 @@ def measure(layout, cases, reps):
         out[case] = runs
     wipe(cache)
     return out
-
-
-def med(xs):
-    return statistics.median(xs)
 
 
 def machine():
@@ -262,18 +254,7 @@ def main():
             (["--quick"] if args.quick else [])
         subprocess.run(cmd, check=True, env=env, timeout=7200)
         results["slurm"] = json.loads(dump.read_text())
-    text = section(results, reps)
-    if args.quick:
-        print(text)
-        return
-    old = RESULTS.read_text() if RESULTS.exists() else "# mpimap benchmark results\n\n"
-    if BEGIN in old:
-        head, rest = old.split(BEGIN, 1)
-        old = head + text + rest.split(END, 1)[1]
-    else:
-        old = old.rstrip() + "\n\n" + text + "\n"
-    RESULTS.write_text(old)
-    print(f"wrote {RESULTS}")
+    write_section(BEGIN, END, section(results, reps), args.quick)
 
 
 if __name__ == "__main__":

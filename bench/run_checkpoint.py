@@ -16,13 +16,13 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+from _report import med, result_of, write_section  # bench/ is sys.path[0]
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 BEGIN, END = "<!-- checkpoint:begin -->", "<!-- checkpoint:end -->"
 
 
@@ -42,15 +42,8 @@ def launch(experiment, ranks, reps, folder, env, divisor, timeout=3600):
     print("+", " ".join(argv[3:]), flush=True)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=HERE,
                           env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"{experiment} failed (rc={proc.returncode}):\n{proc.stdout}\n"
-                       f"{proc.stderr}")
+    return result_of(proc, experiment)
 
-
-def med(values):
-    return statistics.median(values)
 
 
 def machine():
@@ -150,18 +143,7 @@ def main():
         "</details>",
         END,
     ]
-    section = "\n".join(lines)
-    text = RESULTS.read_text() if RESULTS.exists() else "# mpimap benchmark results\n\n"
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    if args.quick:
-        print(section)
-    else:
-        RESULTS.write_text(text)
-        print(f"wrote {RESULTS}")
+    write_section(BEGIN, END, "\n".join(lines), args.quick)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,14 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+from _report import med, result_of, write_section  # bench/ is sys.path[0]
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-RESULTS = HERE / "RESULTS.md"
 BEGIN, END = "<!-- common:begin -->", "<!-- common:end -->"
 SCRIPT = str(HERE / "common_bench.py")
 TESTSLURM = ROOT / "tests" / "slurm" / "testslurm.sh"
@@ -42,12 +42,6 @@ def mpiexec():
     return path
 
 
-def _result(proc, what):
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"{what} failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-
 
 def launch(tool, mode, mib, ranks, reps, timeout=1800):
     py = sys.executable
@@ -61,7 +55,7 @@ def launch(tool, mode, mib, ranks, reps, timeout=1800):
     print("+", tool, " ".join(argv[2:]), flush=True)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=HERE,
                           env=env)
-    return _result(proc, f"{tool} {mode} {mib}")
+    return result_of(proc, f"{tool} {mode} {mib}")
 
 
 # -- the test Slurm, for a node without rank 0 -----------------------------------------------------
@@ -92,16 +86,13 @@ def slurm_memory(mib):
         print("+ test Slurm:", " ".join(argv), flush=True)
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=HERE,
                               env=_slurm_env())
-        return _result(proc, "mpimap memory on the test Slurm"), "ok"
+        return result_of(proc, "mpimap memory on the test Slurm"), "ok"
     finally:
         if started:
             subprocess.run(["bash", str(TESTSLURM), "stop"], capture_output=True)
 
 
 # -- report -----------------------------------------------------------------------------------------
-
-def med(values):
-    return statistics.median(values)
 
 
 def machine():
@@ -261,18 +252,7 @@ def main():
         "</details>",
         END,
     ]
-    section = "\n".join(lines)
-    text = RESULTS.read_text() if RESULTS.exists() else "# mpimap benchmark results\n\n"
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    if args.quick:
-        print(section)
-    else:
-        RESULTS.write_text(text)
-        print(f"wrote {RESULTS}")
+    write_section(BEGIN, END, "\n".join(lines), args.quick)
 
 
 if __name__ == "__main__":

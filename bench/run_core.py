@@ -15,13 +15,13 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+from _report import med, result_of, write_section  # bench/ is sys.path[0]
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 BEGIN, END = "<!-- core:begin -->", "<!-- core:end -->"
 
 
@@ -43,15 +43,8 @@ def launch(tool, experiment, ranks, reps, timeout=1800):
     argv = [mpiexec(), "-n", str(ranks), *prefix, script, tool, experiment, str(reps)]
     print("+", " ".join(argv[2:]), flush=True)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=HERE)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"{tool} {experiment} failed (rc={proc.returncode}):\n{proc.stdout}\n"
-                       f"{proc.stderr}")
+    return result_of(proc, f"{tool} {experiment}")
 
-
-def med(values):
-    return statistics.median(values)
 
 
 def machine():
@@ -171,12 +164,6 @@ def main():
         END,
     ]
     section = "\n".join(lines)
-    text = RESULTS.read_text() if RESULTS.exists() else "# mpimap benchmark results\n\n"
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
     summary = (
         f"Core map, {n} ranks: no-op throughput **{tput['mpimap']:,.0f} items/s** with the "
         f"automatic chunk size = **{tput['mpimap'] / tput['futures-best']:.1f}x** mpi4py.futures at "
@@ -184,13 +171,12 @@ def main():
         f"skewed load balance **{bal['mpimap']:.2f}** x ideal (mpi4py.futures "
         f"{bal['futures']:.2f}, schwimmbad {bal['schwimmbad']:.2f}); latency of a small map on "
         f"a warm pool **{lat['mpimap']:.2f} ms** (mpi4py.futures {lat['futures']:.2f} ms).")
+    write_section(BEGIN, END, section, args.quick)
     if args.quick:
-        print(section)
         print(summary)
     else:
-        RESULTS.write_text(text)
         set_block(HERE.parent / "README.md", "core", summary)
-        print(f"wrote {RESULTS} and the README summary")
+        print("wrote the README summary")
 
 
 def set_block(path, name, body):

@@ -1,0 +1,37 @@
+"""Shared by the bench/run_*.py drivers: read a child's RESULT line, write a RESULTS.md section."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def med(values):
+    return statistics.median(values)
+
+
+def result_of(proc, what: str) -> dict:
+    """The JSON a benchmark child printed as ``RESULT {...}``; its output if it printed none."""
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{what} failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+
+
+def write_section(begin: str, end: str, section: str, quick: bool = False) -> None:
+    """Put ``section`` (which starts with ``begin`` and ends with ``end``) into RESULTS.md in
+    place of the old one, or at the end; with ``quick`` only print it."""
+    if quick:
+        print(section)
+        return
+    text = RESULTS.read_text() if RESULTS.exists() else "# mpimap benchmark results\n\n"
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    RESULTS.write_text(text)
+    print(f"wrote {RESULTS}")
