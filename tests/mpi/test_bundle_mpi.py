@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
+import procutil
 import pytest
 
 from mpimap._launch import find_mpiexec
@@ -19,14 +18,6 @@ pytestmark = pytest.mark.mpi
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
-class Result:
-    def __init__(self, argv, rc, out, err):
-        self.argv, self.rc, self.out, self.err = argv, rc, out, err
-
-    def __repr__(self):
-        return f"<{self.argv}: rc={self.rc}>\n--- stdout ---\n{self.out}\n--- stderr ---\n{self.err}"
-
-
 def mpiexec():
     path = find_mpiexec()
     if path is None:
@@ -34,20 +25,11 @@ def mpiexec():
     return path
 
 
-def run_cmd(argv, timeout=120, env=None, cwd=None) -> Result:
-    """A subprocess with a deadline (a hang fails this test only), from ``cwd``."""
-    full = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    full.pop("MPIMAP_SERIAL", None)
-    proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=full, cwd=cwd,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"deadline of {timeout} s passed (a hang):\n{Result(argv, None, out, err)!r}")
-    return Result(argv, proc.returncode, out, err)
+def run_cmd(argv, timeout=120, env=None, cwd=None):
+    """A subprocess with a deadline (a hang fails this test only), from ``cwd``; MPIMAP_*
+    knobs of this environment are kept, MPIMAP_SERIAL excepted."""
+    return procutil.run_cmd(argv, timeout=timeout, env=env, cwd=cwd,
+                            base_env=procutil.clean_env(drop=("MPIMAP_SERIAL",)))
 
 
 @pytest.fixture
