@@ -35,3 +35,17 @@ def write_section(begin: str, end: str, section: str, quick: bool = False) -> No
         text = text.rstrip() + "\n\n" + section + "\n"
     RESULTS.write_text(text)
     print(f"wrote {RESULTS}")
+
+
+def testslurm_conf() -> str:
+    """SLURM_CONF of the test Slurm (tests/slurm/testslurm.sh; MPIMAP_TESTSLURM_DIR / _PORT
+    from the environment pick which one), as the script itself says."""
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "tests" / "slurm" / "testslurm.sh"
+    out = subprocess.run(["bash", str(script), "env"], capture_output=True, text=True,
+                         check=True).stdout
+    for word in out.split():
+        if word.startswith("SLURM_CONF="):
+            return word.split("=", 1)[1]
+    raise RuntimeError(f"testslurm.sh env printed no SLURM_CONF: {out!r}")

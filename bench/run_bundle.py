@@ -29,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _report import RESULTS, med, result_of, write_section  # bench/ is sys.path[0]
+from _report import RESULTS, med, result_of, testslurm_conf, write_section  # bench/ is sys.path[0]
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -244,8 +244,7 @@ def main():
     if args.layout in ("local", "both"):
         results["local"] = measure("local", cases, reps)
     if args.layout in ("slurm", "both"):
-        state = os.environ.get("MPIMAP_TESTSLURM_DIR", "/tmp/mpimap-testslurm")
-        env = {**os.environ, "SLURM_CONF": f"{state}/etc/slurm.conf"}
+        env = {**os.environ, "SLURM_CONF": testslurm_conf()}
         for k in [k for k in env if k.startswith("MPIMAP_") and k != "MPIMAP_TESTSLURM_DIR"]:
             env.pop(k)
         dump = WORK / "slurm-results.json"

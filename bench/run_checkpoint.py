@@ -128,12 +128,12 @@ def main():
         "when all done*: the same map again on the finished file (read back, nothing "
         "computed).",
         "",
-        "This machine is shared with other test runs: load average "
+        "Load average during each experiment (median of its samples; the benchmark's own 3 ranks included): "
         + ", ".join(f"{w['load']:.1f} ({w['short']})" for w in rows)
-        + " on 2 cores, so the same map without checkpoint took "
+        + " on 2 cores. The same map without checkpoint took "
         + "; ".join(f"{w['spread'][0]:.1f}-{w['spread'][1]:.1f} s ({w['short']})" for w in rows)
-        + " across the repetitions: the makespan figures move by tens of percent with that "
-          "load, the CPU figures do not.",
+        + " across the repetitions. Other load on the machine moves the makespan figures (by "
+          "tens of percent in a run beside other jobs), not the CPU figures.",
         "",
         "<details><summary>raw measurements</summary>",
         "",

@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _report import med, result_of, write_section  # bench/ is sys.path[0]
+from _report import med, result_of, testslurm_conf, write_section  # bench/ is sys.path[0]
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -62,8 +62,7 @@ def launch(tool, mode, mib, ranks, reps, timeout=1800):
 
 def _slurm_env():
     env = dict(os.environ)
-    state = env.get("MPIMAP_TESTSLURM_DIR", "/tmp/mpimap-testslurm")
-    env["SLURM_CONF"] = f"{state}/etc/slurm.conf"
+    env["SLURM_CONF"] = testslurm_conf()
     for var in [v for v in env if v.startswith("SLURM_") and v != "SLURM_CONF"]:
         del env[var]
     return env
@@ -160,8 +159,8 @@ def main():
         "## Large common data (issue 4: wire speed, one copy per node)",
         "",
         f"Run {datetime.date.today().isoformat()} with `python bench/run_common.py` on "
-        f"{machine()}; load average {load[0]:.1f} at the start (other work shared the "
-        "machine). "
+        f"{machine()}; load average {load[0]:.1f} at the start"
+        f"{' (other work shared the machine)' if load[0] > 1.0 else ''}. "
         f"**{n} ranks on one node** (rank 0 + {n - 1} workers), every tool in its own MPI job, "
         "one after the other.",
         "",

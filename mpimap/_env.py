@@ -91,6 +91,9 @@ KNOBS = {
              "TCP lifeline from every worker to rank 0: instant wake-ups and lost-rank detection"),
         Knob("MPIMAP_CONNECT_TIMEOUT", 20.0, _positive(float),
              "seconds a worker tries to open its lifeline to rank 0"),
+        Knob("MPIMAP_START_TIMEOUT", 300.0, lambda t: max(0.0, float(t)),
+             "python -m mpimap: seconds a rank may take to join the job (MPI_Init, communicators, "
+             "lifelines) before it gives up, so a rank that died at start is no hang (0: wait)"),
         Knob("MPIMAP_SPIN", 0.0003, lambda t: max(0.0, float(t)),
              "seconds a rank polls MPI before it sleeps when a message is due soon (latency)"),
         Knob("MPIMAP_POLL_MAX", 0.002, _positive(float),

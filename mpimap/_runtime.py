@@ -500,8 +500,10 @@ def main(argv=None) -> None:
     from . import _checkpoint
 
     _checkpoint.install_early()  # before MPI_Init: MPICH's SIGUSR1 handler then chains to ours
-    from . import _mpi
+    from . import _startwatch
 
+    watch = _startwatch.arm(knob("MPIMAP_START_TIMEOUT"), announced_rank(os.environ))
+    from . import _mpi  # MPI_Init (mpi4py.MPI)
     rank = _mpi.world_rank()
     _check_launch(_mpi)
     if rank != 0:
@@ -513,6 +515,7 @@ def main(argv=None) -> None:
     except Exception:
         traceback.print_exc()
         _abort(1)
+    _startwatch.disarm(watch)
     _state.session = session
     if session.size == 1:
         _state.mode, _state.executor = "serial", _SERIAL

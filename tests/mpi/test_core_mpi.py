@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+import procutil
 import pytest
+
+from mpimap._launch import find_mpiexec
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -111,6 +115,29 @@ def test_worker_death_under_mpimap_run_is_reported(run_mpi, how):
 def test_worker_death_under_bare_mpiexec_ends_the_job(run_mpi, how):
     res = run_mpi(3, "worker_death.py", how, timeout=60)
     assert res.rc != 0, res  # hydra kills every rank: the job fails, it does not hang
+
+
+@pytest.mark.parametrize("launcher", ["mpiexec", "mpimap run"])
+def test_a_rank_that_dies_before_joining_ends_the_job_instead_of_a_hang(launcher, tmp_path):
+    # One rank exits before it starts MPI. The others wait inside MPI_Init for it, and nobody ends
+    # them: hydra with -disable-auto-cleanup (what `mpimap run` uses) and srun
+    # --kill-on-bad-exit=0 keep them. The start deadline ends every rank instead.
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
+        pytest.skip("no mpiexec: `pip install -e .[mpich,test]`")
+    dies = tmp_path / "python"   # rank 2 exits before it starts MPI; the others run Python
+    dies.write_text(f'#!/bin/sh\nif [ "$PMI_RANK" = 2 ]; then exit 3; fi\n'
+                    f'exec {sys.executable} "$@"\n')
+    dies.chmod(0o755)
+    script = str(Path(__file__).resolve().parent.parent / "scripts" / "exitcode.py")
+    if launcher == "mpiexec":
+        argv = [mpiexec, "-disable-auto-cleanup", "-n", "3", dies, "-m", "mpimap", script, "0"]
+    else:
+        argv = [sys.executable, "-m", "mpimap.cli", "run", "-n", "3", "--python", dies, script,
+                "0"]
+    res = procutil.run_cmd(argv, timeout=60, env={"MPIMAP_START_TIMEOUT": "3"})
+    assert res.rc != 0, res
+    assert "did not join the job within MPIMAP_START_TIMEOUT=3 s" in res.err, res
 
 
 def test_idle_ranks_do_not_spin(run_mpi):
