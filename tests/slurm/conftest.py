@@ -46,6 +46,12 @@ class Cluster:
         for var in [v for v in self.env if v.startswith(("SLURM_", "MPIMAP_"))]:
             if var != "SLURM_CONF":
                 del self.env[var]
+        # The mpich wheel's UCX netmod intermittently fails in MPI_Init across the fake nodes
+        # under srun's pmi2 (its long business cards arrive torn: "mpi/pmi2: invalid client
+        # request", then "MPIDI_UCX_comm_addr_exchange ... Invalid parameter"; MPICH's own CI
+        # sees the same, pmodels/mpich#7417), about one full run in two here. That is MPICH's
+        # start-up, not mpimap: the jobs use its OFI netmod, which has no such exchange.
+        self.env.setdefault("MPICH_CH4_NETMOD", "ofi")
         # Debian's Open MPI refuses to start as root without these (CI runs as root).
         self.env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         self.env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
