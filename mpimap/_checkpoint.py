@@ -215,9 +215,8 @@ def install_early() -> None:
         return
     if signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL:
         signal.signal(signal.SIGUSR1, _on_signal)
-        # SA_RESTART: a USR1 that lands inside MPI_Init must not cut MPICH's PMI writes short
-        # (seen on the test Slurm: torn requests to srun's pmi2 server, MPI_Init failing on
-        # every rank and the step hanging; Python's default leaves the flag off).
+        # SA_RESTART (Python's default leaves it off): a USR1 that lands inside MPI_Init or
+        # another MPI call must not make the library's system calls fail with EINTR.
         signal.siginterrupt(signal.SIGUSR1, False)
 
 
