@@ -49,3 +49,16 @@ def testslurm_conf() -> str:
         if word.startswith("SLURM_CONF="):
             return word.split("=", 1)[1]
     raise RuntimeError(f"testslurm.sh env printed no SLURM_CONF: {out!r}")
+
+
+def mpiexec() -> str:
+    """The mpiexec of the MPI library mpi4py loads (as `mpimap run` finds it)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from mpimap._launch import find_mpiexec
+
+    path = find_mpiexec()
+    if path is None:
+        sys.exit("no mpiexec: pip install -e .[mpich,bench]")
+    return path

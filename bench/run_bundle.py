@@ -29,7 +29,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _report import RESULTS, med, result_of, testslurm_conf, write_section  # bench/ is sys.path[0]
+# bench/ is sys.path[0] when a driver runs
+from _report import RESULTS, med, mpiexec, result_of, testslurm_conf, write_section
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -54,15 +55,6 @@ def make_data():
             d.mkdir(parents=True, exist_ok=True)
             (d / f"f{i:05d}.dat").write_bytes(os.urandom(10_000))
 
-
-def mpiexec():
-    sys.path.insert(0, str(ROOT))
-    from mpimap._launch import find_mpiexec
-
-    path = find_mpiexec()
-    if path is None:
-        sys.exit("no mpiexec: pip install -e .[mpich,bench]")
-    return path
 
 
 def wipe(path: Path):

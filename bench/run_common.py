@@ -23,7 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _report import med, result_of, testslurm_conf, write_section  # bench/ is sys.path[0]
+# bench/ is sys.path[0] when a driver runs
+from _report import med, mpiexec, result_of, testslurm_conf, write_section
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -31,15 +32,6 @@ BEGIN, END = "<!-- common:begin -->", "<!-- common:end -->"
 SCRIPT = str(HERE / "common_bench.py")
 TESTSLURM = ROOT / "tests" / "slurm" / "testslurm.sh"
 
-
-def mpiexec():
-    sys.path.insert(0, str(ROOT))
-    from mpimap._launch import find_mpiexec
-
-    path = find_mpiexec()
-    if path is None:
-        sys.exit("no mpiexec: pip install -e .[mpich,bench]")
-    return path
 
 
 

@@ -19,20 +19,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _report import med, result_of, write_section  # bench/ is sys.path[0]
+# bench/ is sys.path[0] when a driver runs
+from _report import med, mpiexec, result_of, write_section
 
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- core:begin -->", "<!-- core:end -->"
 
-
-def mpiexec():
-    sys.path.insert(0, str(HERE.parent))
-    from mpimap._launch import find_mpiexec
-
-    path = find_mpiexec()
-    if path is None:
-        sys.exit("no mpiexec: pip install -e .[mpich,bench]")
-    return path
 
 
 def launch(tool, experiment, ranks, reps, timeout=1800):
