@@ -125,7 +125,7 @@ def per_node(runs, which, index):
     return {n: med([r["sent"][index].get(n, 0) for r in runs]) for n in nodes}
 
 
-def section(results, reps):
+def section(results, reps, load=None):
     lines = [
         BEGIN,
         "## Data-file bundles (issue: files= staged once per node, cached by content)",
@@ -134,9 +134,9 @@ def section(results, reps):
         f"{machine()}. **3 ranks** in every job (rank 0 drives, 2 compute). Each figure is the "
         f"median of {reps} repetitions; every time is one MPI job's own measurement (launch not "
         "included). The source files sit in the page cache (they are read every repetition). "
-        "Other engineers' jobs shared this 2-core machine during the run (load average about "
-        "4), so absolute times are noisy; the repetitions of both sides alternate, so the "
-        "ratios (raw / mpimap: above 1, mpimap is faster) compare like with like.",
+        + ("" if load is None else f"Load average {load:.1f} at the start. ")
+        + "The repetitions of both sides alternate, so the ratios (raw / mpimap: above 1, "
+        "mpimap is faster) compare like with like even when other work shares the machine.",
         "",
         "* **mpimap, first map** -- every node's cache empty: rank 0 reads and hashes the files, "
         "asks each node's stager, and sends one copy to each node that misses it while it "
@@ -231,6 +231,7 @@ def main():
         res = measure("slurm", cases, reps)
         Path(args.inside).write_text(json.dumps(res))
         return
+    load = os.getloadavg()[0]
     make_data()
     results = {}
     if args.layout in ("local", "both"):
@@ -245,7 +246,7 @@ def main():
             (["--quick"] if args.quick else [])
         subprocess.run(cmd, check=True, env=env, timeout=7200)
         results["slurm"] = json.loads(dump.read_text())
-    write_section(BEGIN, END, section(results, reps), args.quick)
+    write_section(BEGIN, END, section(results, reps, load), args.quick)
 
 
 if __name__ == "__main__":
