@@ -62,7 +62,8 @@ def pmap(func, iterable, *iterables, common=None, files=None, modules=None, chun
     staged once per node into a node-local cache, and opened inside tasks by the same relative
     paths; files a task creates in its working directory come back here. ``modules=[name,
     ...]`` ships local modules/packages to workers that cannot see the source tree (the local
-    modules the function imports are found and shipped without it). See the README, "Data files and local modules".
+    modules the function imports are found and shipped without it). See the README, "Data
+    files and local modules".
 
     Called on rank 0 under ``python -m mpimap``; with no launcher it runs in-process; under
     ``mpiexec python script.py`` every rank calls it and ranks other than 0 get ``None``.
