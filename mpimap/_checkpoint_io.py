@@ -167,6 +167,18 @@ def _unpickle(codec, data):
     return _serial._Unpickler(io.BytesIO(data)).load()
 
 
+def _rebuild_exception(tname, text, tb, codec, data) -> BaseException:
+    """A recorded failure as an exception: the pickled one when it loads, else a RemoteError
+    carrying its type name, message and traceback."""
+    exc = None
+    if codec != _CODEC_NONE and data:
+        try:
+            exc = _unpickle(codec, data)
+        except Exception:
+            exc = None
+    return exc if isinstance(exc, BaseException) else RemoteError(tname, text, tb)
+
+
 # ----------------------------------------------------------------------------------------------
 # The journal
 
@@ -871,16 +883,7 @@ class _Store:
                 f"checkpoint to compute the results again.") from exc
 
     def exception(self, i):
-        tname, text, tb, codec, data = self.st.errors[i]
-        exc = None
-        if codec != _CODEC_NONE and data:
-            try:
-                exc = _unpickle(codec, data)
-            except Exception:
-                exc = None
-        if not isinstance(exc, BaseException):
-            exc = RemoteError(tname, text, tb)
-        return exc
+        return _rebuild_exception(*self.st.errors[i])
 
     # -- the end -----------------------------------------------------------------------------
 
@@ -1115,15 +1118,7 @@ def _decode_results(meta, segs, path, versions, rows):
             f"module that defines their type must be importable).") from exc
     failures = {}
     for off, tname, text, tb, codec, data in meta.get("fail", ()):
-        exc = None
-        if codec != _CODEC_NONE:
-            try:
-                exc = _unpickle(codec, data)
-            except Exception:
-                exc = None
-        if not isinstance(exc, BaseException):
-            exc = RemoteError(tname, text, tb)
-        values[off] = exc
+        values[off] = _rebuild_exception(tname, text, tb, codec, data)
         failures[off] = (tname, text, tb)
     return values, failures
 

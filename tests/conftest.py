@@ -10,6 +10,7 @@ fails that one test with its output, never the whole run.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -56,6 +57,20 @@ def make_engine():
         _runtime.restore(previous)
         engine.shutdown(5)
         hub.close()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real filesystem of 1 MiB (a tmpfs; needs root), to run out of space for real."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    d = tmp_path / "small"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(d)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import procutil
 import pytest
+from testfiles import bundle_project
 
 from mpimap._launch import find_mpiexec
 
@@ -34,19 +35,7 @@ def run_cmd(argv, timeout=120, env=None, cwd=None):
 
 @pytest.fixture
 def project(tmp_path):
-    p = tmp_path / "proj"
-    (p / "data").mkdir(parents=True)
-    (p / "src").mkdir()
-    (p / "plugins").mkdir()
-    for i in range(5):
-        (p / "data" / f"f{i}.bin").write_bytes(os.urandom(1000 * (i + 1)))
-    (p / "src" / "helpers.py").write_text(
-        "import hashlib\nimport helpers2\n\ndef digest(b):\n"
-        "    return helpers2.tag() + hashlib.sha256(b).hexdigest()\n")
-    (p / "src" / "helpers2.py").write_text("def tag():\n    return 'v1:'\n")
-    (p / "plugins" / "plugin_a.py").write_text("VALUE = 'a'\n")
-    (p / "plugins" / "plugin_b.py").write_text("VALUE = 'b'\n")
-    return p
+    return bundle_project(tmp_path, nfiles=5, unit=1000)
 
 
 def run(project, mode, n=3, env=None, timeout=120):

@@ -16,21 +16,14 @@ import sys
 import time
 
 import pytest
+from conftest import SCRIPTS, mpiexec
+from testfiles import computed
 
 import mpimap
-from conftest import SCRIPTS, mpiexec
 
 pytestmark = pytest.mark.mpi
 
 MAP = str(SCRIPTS / "ckpt_map.py")
-
-
-def computed(marks) -> dict:
-    out: dict = {}
-    for name in os.listdir(marks):
-        x = int(name.split(".")[0])
-        out[x] = out.get(x, 0) + 1
-    return out
 
 
 def launch(argv, env=None):

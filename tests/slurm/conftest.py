@@ -82,6 +82,27 @@ class Cluster:
                               capture_output=True, text=True, timeout=30)
         return parse_show_job(proc.stdout)
 
+    @staticmethod
+    def output(fields: dict) -> str:
+        """A job's output file (from ``job()``'s fields), or a note that there is none."""
+        path = fields.get("StdOut", "")
+        return Path(path).read_text() if path and Path(path).exists() else \
+            f"<no output at {path}>"
+
+    def wait_until(self, job_id, ready, what: str, timeout=90) -> None:
+        """Poll ``ready()`` while the job is queued or running; fail with the job's output (and
+        cancel it) if the job ends first or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            if self.job(job_id).get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
+                break
+            time.sleep(0.1)
+        fields = self.job(job_id)
+        self.cancel(job_id)
+        pytest.fail(f"{what}; job {fields}:\n{self.output(fields)}")
+
     def wait_job(self, job_id, timeout=60) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -7,29 +7,15 @@ The fake nodes share this machine's disk, so each gets its own cache directory t
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
+from testfiles import bundle_project
 
 pytestmark = pytest.mark.slow
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bundle_project.py"
-
-
-def _project(root: Path) -> Path:
-    p = root / "proj"
-    (p / "data").mkdir(parents=True)
-    (p / "src").mkdir()
-    (p / "plugins").mkdir()
-    for i in range(6):
-        (p / "data" / f"f{i}.bin").write_bytes(os.urandom(50_000 * (i + 1)))
-    (p / "src" / "helpers.py").write_text(
-        "import hashlib\nimport helpers2\n\ndef digest(b):\n"
-        "    return helpers2.tag() + hashlib.sha256(b).hexdigest()\n")
-    (p / "src" / "helpers2.py").write_text("def tag():\n    return 'v1:'\n")
-    return p
 
 
 def _job(slurm, project, cache, timeout=150):
@@ -46,7 +32,7 @@ def _job(slurm, project, cache, timeout=150):
 
 
 def test_one_copy_per_node_then_cache_hits_and_right_files_on_both_nodes(slurm, tmp_path):
-    project = _project(tmp_path)
+    project = bundle_project(tmp_path, nfiles=6, unit=50_000)
     cache = tmp_path / "cache"
     doc, job_id = _job(slurm, project, cache)
     assert doc["driver_node"] == "n1"

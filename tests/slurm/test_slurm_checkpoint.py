@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
+from testfiles import computed
 
 import mpimap
 
@@ -20,30 +20,9 @@ pytestmark = pytest.mark.slow
 CKPT_MAP = Path(__file__).resolve().parent.parent / "scripts" / "ckpt_map.py"
 
 
-def computed(marks) -> dict:
-    out: dict = {}
-    for name in os.listdir(marks):
-        x = int(name.split(".")[0])
-        out[x] = out.get(x, 0) + 1
-    return out
-
-
-def _output(fields) -> str:
-    path = fields.get("StdOut", "")
-    return Path(path).read_text() if path and Path(path).exists() else f"<no output at {path}>"
-
-
 def _wait_for_marks(marks, count, slurm, job_id, timeout=90):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if len(os.listdir(marks)) >= count:
-            return
-        if slurm.job(job_id).get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
-            break
-        time.sleep(0.1)
-    fields = slurm.job(job_id)
-    slurm.cancel(job_id)
-    pytest.fail(f"fewer than {count} items computed; job {fields}:\n{_output(fields)}")
+    slurm.wait_until(job_id, lambda: len(os.listdir(marks)) >= count,
+                     f"fewer than {count} items computed", timeout)
 
 
 @pytest.mark.parametrize("launcher, how", [
@@ -73,7 +52,7 @@ def test_a_stopped_job_resubmitted_resumes_without_recomputing(slurm, tmp_path, 
         slurm.cancel(job_id, "--signal=INT", "--batch")
         sig = "SIGINT"
     fields = slurm.wait_job(job_id, timeout=60)
-    text = _output(fields)
+    text = slurm.output(fields)
     assert fields["JobState"] in ("CANCELLED", "FAILED"), f"{fields}\n{text}"
     assert fields["ExitCode"] != "0:0", fields
     m = re.search(rf"mpimap: {sig} received: (\d+) of 400 items done and saved in "
@@ -86,7 +65,7 @@ def test_a_stopped_job_resubmitted_resumes_without_recomputing(slurm, tmp_path, 
     res = slurm.mpimap("sbatch", "--wait", "--wait-timeout", "110", *job_args, *script,
                        cwd=tmp_path, timeout=120)
     job2 = res.out.split()[0]
-    text2 = _output(slurm.job(job2))
+    text2 = slurm.output(slurm.job(job2))
     assert res.rc == 0, f"{res!r}\n{text2}"
     assert '{"n": 400, "ok": true}' in text2, text2
     counts = computed(markdir)

@@ -30,11 +30,6 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _output(fields: dict) -> str:
-    path = fields.get("StdOut", "")
-    return Path(path).read_text() if path and Path(path).exists() else f"<no output at {path}>"
-
-
 def sbatch_wait(slurm, tmp_path, *args, timeout=90, env=None):
     res = slurm.mpimap("sbatch", "--wait", "--wait-timeout", str(timeout - 10), "--time", "5",
                        "--output", str(tmp_path / "job-%j.out"), *args,
@@ -121,7 +116,7 @@ def test_task_that_raises_fails_the_job_with_the_exception_in_its_output(slurm, 
     assert res.rc != 0, res
     fields = slurm.job(job_id)
     assert fields["JobState"] == "FAILED", fields
-    text = _output(fields)
+    text = slurm.output(fields)
     assert "ValueError: boom from item 3" in text, text
     assert "NOT REACHED" not in text
     assert "ended FAILED" in res.err, res
@@ -162,7 +157,7 @@ def test_hostile_names_paths_and_arguments_survive_submission(slurm, tmp_path):
 def test_rank_death_under_srun_is_reported_and_survivors_go_on(slurm, tmp_path, how):
     res, job_id = sbatch_wait(slurm, tmp_path, "--nodes", "2", "--ntasks", "3",
                               str(SCRIPTS / "survive.py"), how)
-    text = _output(slurm.job(job_id))
+    text = slurm.output(slurm.job(job_id))
     assert "LOST WorkerLostError: worker rank" in text, text
     assert "SURVIVORS [1, 2, 3]" in text, text
     # srun reports the dead task; the step's status is the highest task status
@@ -193,16 +188,7 @@ def _signal_directive(slurm, tmp_path, launcher, env):
 
 
 def _wait_for(path: Path, timeout: float, slurm, job_id):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            return
-        if slurm.job(job_id).get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
-            break
-        time.sleep(0.1)
-    fields = slurm.job(job_id)
-    slurm.cancel(job_id)
-    pytest.fail(f"{path.name} never appeared; job {fields}:\n{_output(fields)}")
+    slurm.wait_until(job_id, path.exists, f"{path.name} never appeared", timeout)
 
 
 @pytest.mark.parametrize("launcher,env", LAUNCH_CASES)
@@ -224,7 +210,7 @@ def test_warning_signal_reaches_every_rank(slurm, tmp_path, markdir, launcher, e
     # exec'd launcher) gets it; without, every task of the job's steps.
     slurm.cancel(job_id, f"--signal={sig}", *(["--batch"] if to_batch_shell else []))
     fields = slurm.wait_job(job_id, timeout=90)
-    text = _output(fields)
+    text = slurm.output(fields)
     assert fields["JobState"] == "COMPLETED", f"{fields}\n{text}"
     markers = sorted(p.name for p in markdir.glob("marker.*"))
     ranks = {m.split(".")[1] for m in markers}
@@ -254,4 +240,4 @@ def test_scancel_ends_every_rank_and_leaves_no_python(slurm, tmp_path, markdir, 
         time.sleep(0.2)
     assert not left.strip(), f"processes left after scancel: {left}"
     ranks = {p.name.split(".")[1] for p in markdir.glob("term.*")}
-    assert ranks == {"rank0", "rank1", "rank2"}, (ranks, _output(fields))
+    assert ranks == {"rank0", "rank1", "rank2"}, (ranks, slurm.output(fields))

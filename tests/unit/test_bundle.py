@@ -253,16 +253,6 @@ def test_extraction_refuses_writing_through_a_link():
 needs_mount = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    """A real filesystem of 1 MiB, to run out of space for real."""
-    d = tmp_path / "small"
-    d.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(d)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    yield d
-    subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
 @needs_mount

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 import threading
 import time
 
@@ -235,17 +234,6 @@ def test_serial_mode_checks_files_and_runs_in_cwd(project, monkeypatch):
     assert seen[0] == seen[1] and not os.path.exists(seen[0])  # wiped when the map ended
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    d = tmp_path / "small"
-    d.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(d)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    yield d
-    subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
 def test_a_full_node_cache_is_an_error_naming_the_directory_and_knob(project, two_nodes,

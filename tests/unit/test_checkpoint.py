@@ -16,6 +16,7 @@ import uuid
 import h5py
 import numpy as np
 import pytest
+from testfiles import computed
 
 import mpimap
 from mpimap import _checkpoint, _checkpoint_io
@@ -48,14 +49,6 @@ def counted(marks, fn=None):
         return fn(x)
 
     return task
-
-
-def computed(marks) -> dict:
-    out: dict = {}
-    for name in os.listdir(marks):
-        x = int(name.split(".")[0])
-        out[x] = out.get(x, 0) + 1
-    return out
 
 
 @pytest.fixture
