@@ -1413,12 +1413,7 @@ class _Source:
             items = self._pull(n)
             if not len(items):
                 return self._end()
-            if not s.note_taken(i, items):
-                return None
-            self.taken += len(items)
-            if self.length is None and self.inner.exhausted and not self.back:
-                self._end()
-            return items
+            return self._hand_out(i, items)
         while not self.exhausted and s.failure is None:
             i = self.taken
             k = s.skippable_run(i, _EMIT_MAX)
@@ -1442,14 +1437,17 @@ class _Source:
                 if not s.emit_done(i, got):
                     return None
                 continue
-            if not s.note_taken(i, items):
-                return None
-            self.taken += len(items)
-            if self.length is None and self.inner.exhausted and not self.back:
-                self._end()
-            return items
+            return self._hand_out(i, items)
         return None
 
+    def _hand_out(self, i, items):
+        """Items from offset ``i`` go to workers: noted as taken (None if the map must stop)."""
+        if not self.s.note_taken(i, items):
+            return None
+        self.taken += len(items)
+        if self.length is None and self.inner.exhausted and not self.back:
+            self._end()
+        return items
 
 
 class MapCheckpoint:

@@ -508,10 +508,6 @@ def run(opts: RunOptions) -> int:
     return 127  # not reached
 
 
-_FORWARD = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP,
-            signal.SIGQUIT, signal.SIGCONT)
-
-
 def _run_with_status_file(p: Plan) -> int:
     """Open MPI: mpirun --enable-recovery exits 0 whatever the ranks do, so rank 0's wrapper
     (mpimap._rankexit) writes its exit status to a file, and we exit with that."""
@@ -526,16 +522,9 @@ def _run_with_status_file(p: Plan) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         proc = subprocess.Popen(argv)
-        previous = {}
+        from ._rankexit import forward_signals
 
-        def forward(signum, _frame):
-            try:
-                proc.send_signal(signum)
-            except ProcessLookupError:
-                pass
-
-        for sig in _FORWARD:
-            previous[sig] = signal.signal(sig, forward)
+        previous = forward_signals(proc)
         try:
             while True:
                 try:

@@ -27,6 +27,18 @@ def _rank(environ) -> str | None:
     return None
 
 
+def forward_signals(child) -> dict:
+    """Pass the signals a launcher sends (_FORWARD) on to ``child``; returns the handlers they
+    replaced (to restore them)."""
+    def forward(signum, _frame):
+        try:
+            child.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    return {sig: signal.signal(sig, forward) for sig in _FORWARD}
+
+
 def _die_with_parent():
     try:
         import ctypes
@@ -56,14 +68,7 @@ def main(argv=None) -> int:
         print(f"mpimap: cannot start {command[0]!r}: {exc}", file=sys.stderr)
         code = 127
     else:
-        def forward(signum, _frame):
-            try:
-                child.send_signal(signum)
-            except ProcessLookupError:
-                pass
-
-        for sig in _FORWARD:
-            signal.signal(sig, forward)
+        forward_signals(child)
         code = child.wait()
         if code < 0:
             code = 128 - code
